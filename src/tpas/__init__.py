@@ -1,0 +1,3 @@
+"""tpas: Text-based Person Anomaly Search toolkit."""
+
+__version__ = "0.1.0"
