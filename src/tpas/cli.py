@@ -1,0 +1,99 @@
+"""Build click commands from typed config dataclasses.
+
+Each script declares one dataclass; every field becomes a `--flag` with the field's
+`help` metadata, so `--help` always lists every option and the resolved config that is
+saved beside the outputs is exactly what ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import click
+
+from tpas.errors import TpasError
+
+T = TypeVar("T")
+
+
+def field(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field carrying its CLI help text."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help, **kwargs})
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def _option_for(f: dataclasses.Field, tp: Any) -> Callable:
+    meta = dict(f.metadata)
+    help_text = meta.pop("help", "")
+    choices = meta.pop("choices", None)
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    base, optional = _strip_optional(tp)
+    origin = typing.get_origin(base)
+    if base is bool:
+        return click.option(f"{_flag(f.name)}/--no-{f.name.replace('_', '-')}", default=default, show_default=True, help=help_text)
+    if origin is tuple:
+        inner = typing.get_args(base)
+        return click.option(_flag(f.name), type=tuple(inner), default=default, show_default=True, help=help_text)
+    if origin is list:
+        (inner,) = typing.get_args(base)
+        return click.option(_flag(f.name), type=inner, multiple=True, default=tuple(default or ()), show_default=True, help=help_text)
+    if choices:
+        ptype: Any = click.Choice(choices)
+    elif base is Path:
+        ptype = click.Path(path_type=Path)
+    else:
+        ptype = base
+    return click.option(_flag(f.name), type=ptype, default=default, show_default=default is not None, help=help_text)
+
+
+def config_command(config_cls: type[T], help: str) -> Callable[[Callable[[T], Any]], click.Command]:
+    """Decorator: turn `fn(config)` into a click command whose options are the config's fields."""
+    hints = typing.get_type_hints(config_cls)
+
+    def decorate(fn: Callable[[T], Any]) -> click.Command:
+        def callback(**kwargs: Any) -> None:
+            values = {}
+            for f in dataclasses.fields(config_cls):  # type: ignore[arg-type]
+                value = kwargs[f.name]
+                if typing.get_origin(_strip_optional(hints[f.name])[0]) is list:
+                    value = list(value)
+                values[f.name] = value
+            config = config_cls(**values)
+            run_cli(lambda: fn(config))
+
+        command = callback
+        for f in reversed(dataclasses.fields(config_cls)):  # type: ignore[arg-type]
+            command = _option_for(f, hints[f.name])(command)
+        return click.command(help=help, context_settings={"show_default": True})(command)
+
+    return decorate
+
+
+def run_cli(action: Callable[[], Any]) -> Any:
+    """Run a stage; a TpasError becomes one line on stderr and exit code 2, no traceback."""
+    try:
+        return action()
+    except TpasError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
