@@ -1,0 +1,139 @@
+"""The data layer reads PAB's layout and names the file and line of every bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tpas.data import (check_images, load_test_set, load_train_annotations, split_train_val)
+from tpas.errors import TpasError
+
+
+def _image(path: Path, colour=(200, 30, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 32), colour).save(path)
+
+
+def _record(i: int, abnormal: bool, video: int | None = None) -> dict:
+    video = i if video is None else video
+    rec = {"image": f"train/imgs_0/{'wentrong' if abnormal else 'goal'}/{i}.jpg", "caption": f"person {i} walking",
+           "image_id": f"0_{i}", "hard_i": f"train/imgs_0/goal/{(i + 1) % 40}.jpg", "hard_c": "other",
+           "hard_i_id": f"0_{(i + 1) % 40}", "source_id": f"{video}_{1 if abnormal else 0}", "source_caption": "a video",
+           "scene": "street"}
+    rec["anomaly" if abnormal else "normal"] = "lying" if abnormal else "walking"
+    return rec
+
+
+def write_train(root: Path, records: list[dict], name: str = "attr_0.json", raw_lines: list[str] | None = None) -> None:
+    folder = root / "annotation" / "train"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(r) for r in records] + (raw_lines or [])
+    (folder / name).write_text("\n".join(lines) + "\n")
+    for r in records:
+        for key in ("image", "hard_i"):
+            if not (root / r[key]).exists() and ".." not in r[key]:
+                _image(root / r[key])
+
+
+@pytest.fixture
+def pab(tmp_path: Path) -> Path:
+    records = [_record(i, abnormal=i % 2 == 1, video=i // 2) for i in range(40)]
+    write_train(tmp_path, records)
+    return tmp_path
+
+
+def test_reads_attr_shards_with_action_and_label(pab: Path) -> None:
+    frame, problems = load_train_annotations(pab)
+    assert problems == [] and len(frame) == 40
+    assert frame["abnormal"].sum() == 20
+    assert set(frame["action"]) == {"lying", "walking"}
+    assert frame.loc[0, "image_id"] == "0_0" and frame.loc[0, "line"] == 1
+
+
+def test_pair_files_take_the_label_from_source_id(tmp_path: Path) -> None:
+    records = [_record(i, abnormal=i % 2 == 1) for i in range(4)]
+    for r in records:
+        r.pop("normal", None), r.pop("anomaly", None)
+    write_train(tmp_path, records, name="pair_0.json")
+    frame, _ = load_train_annotations(tmp_path)
+    assert frame["abnormal"].tolist() == [False, True, False, True]
+
+
+@pytest.mark.parametrize("bad_line, expected", [
+    ("{not json", "line 3: malformed JSON"),
+    (json.dumps({"image": "train/x.jpg", "image_id": "9_9"}), "line 3: missing field(s) caption"),
+    (json.dumps({"image": "train/x.jpg", "image_id": "9_9", "caption": "  "}), "line 3: empty caption"),
+    (json.dumps({"image": "train/x.jpg", "image_id": "0_1", "caption": "dup"}), "line 3: duplicate image_id '0_1'"),
+    (json.dumps({"image": "../../etc/passwd", "image_id": "9_9", "caption": "c"}), "line 3: image path '../../etc/passwd' escapes"),
+])
+def test_bad_records_name_file_and_line(tmp_path: Path, bad_line: str, expected: str) -> None:
+    write_train(tmp_path, [_record(0, False), _record(1, True)], raw_lines=[bad_line])
+    with pytest.raises(TpasError) as err:
+        load_train_annotations(tmp_path, on_bad="fail")
+    assert "attr_0.json" in str(err.value) and expected in str(err.value)
+    frame, problems = load_train_annotations(tmp_path, on_bad="skip")
+    assert len(frame) == 2 and len(problems) == 1
+
+
+def test_missing_and_truncated_images_are_found(pab: Path) -> None:
+    frame, _ = load_train_annotations(pab)
+    (pab / frame.loc[3, "image"]).unlink()
+    data = (pab / frame.loc[5, "image"]).read_bytes()
+    (pab / frame.loc[5, "image"]).write_bytes(data[: len(data) // 2])
+    problems = check_images(frame, pab, progress=False)
+    messages = {p.line: p.message for p in problems}
+    assert set(messages) == {4, 6}
+    assert "missing" in messages[4] and "unreadable" in messages[6]
+
+
+def test_no_shards_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(TpasError, match="no attr_.*pair_.*shards"):
+        load_train_annotations(tmp_path)
+
+
+def test_split_is_seeded_stratified_and_disjoint_by_video(pab: Path) -> None:
+    frame, _ = load_train_annotations(pab)
+    train, val = split_train_val(frame, subset=10, val_size=10, seed=3)
+    again, val_again = split_train_val(frame, subset=10, val_size=10, seed=3)
+    other, _ = split_train_val(frame, subset=10, val_size=10, seed=4)
+    assert train["image_id"].tolist() == again["image_id"].tolist()
+    assert val["image_id"].tolist() == val_again["image_id"].tolist()
+    assert train["image_id"].tolist() != other["image_id"].tolist()
+    assert len(train) == 10 and train["abnormal"].sum() == 5  # stratified: half abnormal like the data
+    videos = lambda f: {s.rsplit("_", 1)[0] for s in f["source_id"]}  # noqa: E731
+    assert not videos(train) & videos(val)
+    bigger, val_big = split_train_val(frame, subset=20, val_size=10, seed=3)
+    assert val_big["image_id"].tolist() == val["image_id"].tolist()  # validation independent of subset size
+
+
+def test_pab_test_split_expands_caption_lists(tmp_path: Path) -> None:
+    folder = tmp_path / "annotation" / "test"
+    folder.mkdir(parents=True)
+    rows = [{"image": "test/1.jpg", "image_id": "1", "caption": ["a", "b"]},
+            {"image": "test/2.jpg", "image_id": "2", "caption": ["c"]}]
+    (folder / "pair.json").write_text("\n".join(json.dumps(r) for r in rows))
+    test = load_test_set(tmp_path)
+    assert test.source == "pab"
+    assert test.queries["query_index"].tolist() == ["1_0", "1_1", "2_0"]
+    assert test.queries["gt_image"].tolist() == ["1", "1", "2"]
+    assert test.gallery["image"].tolist() == ["1", "2"]
+
+
+def test_challenge_folder_follows_query_index_order(tmp_path: Path) -> None:
+    folder = tmp_path / "challenge"
+    for name in ("AAA", "BBB", "CCC"):
+        _image(folder / "gallery" / f"{name}.jpg")
+    (folder / "query.json").write_text('{"query_index": "q1", "caption": "x"}\n{"query_index": "q2", "caption": "y"}\n')
+    (folder / "query_index.txt").write_bytes(b"q2\r\nq1\r\n")
+    test = load_test_set(tmp_path)
+    assert test.source == "challenge"
+    assert test.queries["query_index"].tolist() == ["q2", "q1"]
+    assert test.queries["gt_image"].isna().all()
+    assert sorted(test.gallery["image"]) == ["AAA", "BBB", "CCC"]
+    (folder / "query_index.txt").write_bytes(b"q2\r\nq9\r\n")
+    with pytest.raises(TpasError, match="query 'q9' is not in query.json"):
+        load_test_set(tmp_path)
