@@ -5,38 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
-from PIL import Image
 
 from tpas.data import (check_images, load_test_set, load_train_annotations, split_train_val)
 from tpas.errors import TpasError
 
-
-def _image(path: Path, colour=(200, 30, 30)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (16, 32), colour).save(path)
-
-
-def _record(i: int, abnormal: bool, video: int | None = None) -> dict:
-    video = i if video is None else video
-    rec = {"image": f"train/imgs_0/{'wentrong' if abnormal else 'goal'}/{i}.jpg", "caption": f"person {i} walking",
-           "image_id": f"0_{i}", "hard_i": f"train/imgs_0/goal/{(i + 1) % 40}.jpg", "hard_c": "other",
-           "hard_i_id": f"0_{(i + 1) % 40}", "source_id": f"{video}_{1 if abnormal else 0}", "source_caption": "a video",
-           "scene": "street"}
-    rec["anomaly" if abnormal else "normal"] = "lying" if abnormal else "walking"
-    return rec
-
-
-def write_train(root: Path, records: list[dict], name: str = "attr_0.json", raw_lines: list[str] | None = None) -> None:
-    folder = root / "annotation" / "train"
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps(r) for r in records] + (raw_lines or [])
-    (folder / name).write_text("\n".join(lines) + "\n")
-    for r in records:
-        for key in ("image", "hard_i"):
-            if not (root / r[key]).exists() and ".." not in r[key]:
-                _image(root / r[key])
+from fakes import _image, _record, write_train
 
 
 @pytest.fixture

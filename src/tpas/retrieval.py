@@ -37,8 +37,7 @@ class InferConfig:
     query_file: str = field("query.json", "Query file inside the challenge folder (e.g. query_heldout.json on the demo set).")
     run: Path = field(Path("runs/demo"), "Trained run directory (config.json + model.safetensors).")
     zero_shot: bool = field(False, "Use the pretrained-only model instead of --run (backbones pretrained; ITC/ITM heads untrained).")
-    image_height: int = field(128, "Input height for --zero-shot (a trained run uses its own).")
-    image_width: int = field(64, "Input width for --zero-shot.")
+    model: str = field("lite", "Model preset for --zero-shot (a trained run uses its own).", choices=list(model_lib.PRESETS))
     output_dir: Path = field(Path("outputs/infer"), "Where the candidates and metrics are written.")
     k: int = field(128, "Candidates per query kept from ITC and re-ranked by ITM.")
     itm: bool = field(True, "Re-rank the top-k with the ITM head (off: rank by ITC alone).")
@@ -135,7 +134,7 @@ def rank(model: model_lib.TpasModel, tokenizer: Any, captions: list[str], image_
 def _load_model(cfg: InferConfig) -> tuple[model_lib.TpasModel, model_lib.ModelConfig, str]:
     if cfg.zero_shot:
         torch.manual_seed(cfg.seed)
-        model_cfg = model_lib.ModelConfig(image_size=(cfg.image_height, cfg.image_width))
+        model_cfg = model_lib.ModelConfig.from_preset(cfg.model)
         return model_lib.build_model(model_cfg).eval(), model_cfg, f"zero-shot:{cfg.seed}:{dataclasses.asdict(model_cfg)}"
     run = Path(cfg.run)
     if not (run / "config.json").is_file():

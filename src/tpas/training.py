@@ -12,7 +12,6 @@ A run directory `runs/<name>/` holds:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -40,7 +39,7 @@ from tpas.metrics import format_metrics, matrix_metrics
 @dataclass
 class TrainConfig:
     data_root: Path = field(Path("data/demo"), "PAB data root (annotation/train/...); the default demo set is built when empty.")
-    subset: int | None = field(10000, "Number of training pairs sampled (seeded, stratified normal/abnormal); omit for all.")
+    subset: int = field(10000, "Number of training pairs sampled (seeded, stratified normal/abnormal); 0 = all.")
     val_size: int = field(500, "Pairs held out for validation (whole source videos), disjoint from the subset.")
     seed: int = field(0, "Seed for subset, shuffling, augmentation and initialisation.")
     epochs: int = field(2, "Epochs over the subset (the paper uses 10 on a GPU; 2 fit the CPU demo).")
@@ -48,11 +47,12 @@ class TrainConfig:
     lr: float = field(3e-5, "AdamW learning rate for pretrained parameters.")
     new_lr_mult: float = field(2.0, "Learning-rate multiplier for newly initialised parameters.")
     weight_decay: float = field(0.01, "AdamW weight decay (not on biases and norms).")
+    model: str = field("lite", "Model preset: lite = EfficientNet-Lite0 + MiniLM-L6 (packaged weights); tiny = random, for smoke tests.", choices=list(model_lib.PRESETS))
     max_tokens: int = field(70, "Maximum caption length in tokens.")
-    image_height: int = field(128, "Input image height.")
-    image_width: int = field(64, "Input image width.")
-    fusion_layers: int = field(2, "Cross-modal fusion layers (initialised from the text model's top layers).")
-    embed_dim: int = field(256, "ITC embedding size.")
+    image_height: int | None = field(None, "Input image height (default: the preset's, 128 for lite).")
+    image_width: int | None = field(None, "Input image width (default: the preset's, 64 for lite).")
+    fusion_layers: int | None = field(None, "Cross-modal fusion layers, initialised from the text model's top layers (default: the preset's).")
+    embed_dim: int | None = field(None, "ITC embedding size (default: the preset's).")
     pab_hard_negatives: bool = field(False, "Also use PAB's own hard_i/hard_c as extra ITM/ITC negatives.")
     on_bad_sample: str = field("fail", "What to do with a bad record or image: stop with a message, or skip it and count it.", choices=["fail", "skip"])
     workers: int = field(1, "DataLoader worker processes.")
@@ -66,8 +66,15 @@ class TrainConfig:
 
 
 def model_config_for(cfg: TrainConfig) -> model_lib.ModelConfig:
-    return model_lib.ModelConfig(image_size=(cfg.image_height, cfg.image_width), fusion_layers=cfg.fusion_layers,
-                                 embed_dim=cfg.embed_dim, max_tokens=cfg.max_tokens)
+    overrides: dict[str, Any] = {"max_tokens": cfg.max_tokens}
+    base = model_lib.ModelConfig.from_preset(cfg.model)
+    if cfg.image_height or cfg.image_width:
+        overrides["image_size"] = (cfg.image_height or base.image_size[0], cfg.image_width or base.image_size[1])
+    if cfg.fusion_layers is not None:
+        overrides["fusion_layers"] = cfg.fusion_layers
+    if cfg.embed_dim is not None:
+        overrides["embed_dim"] = cfg.embed_dim
+    return model_lib.ModelConfig.from_preset(cfg.model, **overrides)
 
 
 class PairDataset(Dataset):
@@ -233,7 +240,7 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path, resumed: dict | None) -> tupl
             raise TpasError(f"{run_dir / 'subset.json'}: {len(missing)} saved image_ids (e.g. {missing[0]}) are not in "
                             f"{cfg.data_root}; resume with the data the run started with.")
         return by_id.loc[resumed["train"]].reset_index(drop=True), by_id.loc[resumed["val"]].reset_index(drop=True), len(problems)
-    train, val = split_train_val(frame, cfg.subset, cfg.val_size, cfg.seed)
+    train, val = split_train_val(frame, cfg.subset or None, cfg.val_size, cfg.seed)
     columns = ("image", "hard_i") if cfg.pab_hard_negatives else ("image",)
     for part_name in ("train", "val"):
         part = train if part_name == "train" else val
@@ -318,7 +325,8 @@ def train(cfg: TrainConfig) -> dict:
                             num_workers=cfg.workers, persistent_workers=False,
                             # its own generator: worker seeding must not consume the model's RNG stream
                             generator=torch.Generator().manual_seed(stable_seed(cfg.seed, epoch, 11)))
-        losses = []
+        # Losses of steps before a mid-epoch resume come back from the checkpoint.
+        losses = list(position.get("epoch_losses", [])) if epoch == position["epoch"] else []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch - sampler.skip_batches,
                    disable=not cfg.progress, dynamic_ncols=True)
         step_in_epoch = sampler.skip_batches
@@ -331,9 +339,10 @@ def train(cfg: TrainConfig) -> dict:
             optimizer.step()
             scheduler.step()
             step_in_epoch += 1
-            position = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": position["global_step"] + 1}
-            losses.append(float(out["loss"]))
-            bar.set_postfix(itc=f"{float(out['loss_itc']):.3f}", itm=f"{float(out['loss_itm']):.3f}")
+            losses.append(float(out["loss"].detach()))
+            position = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": position["global_step"] + 1,
+                        "epoch_losses": losses}
+            bar.set_postfix(itc=f"{float(out['loss_itc'].detach()):.3f}", itm=f"{float(out['loss_itm'].detach()):.3f}")
             if not math.isfinite(losses[-1]):
                 raise TpasError(f"loss became {losses[-1]} at step {position['global_step']}; lower --lr.")
             if cfg.max_steps is not None and position["global_step"] >= cfg.max_steps:
