@@ -53,7 +53,7 @@ def queries_frame(query_index: list[str], caption: list[str], gt_image: list[str
 
 def read_candidates(stage_dir: str | Path) -> pd.DataFrame:
     path = Path(stage_dir) / CANDIDATES_FILE
-    frame = read_parquet(path, CANDIDATE_COLUMNS, hint="run `python infer.py` first (or point --in at its output)")
+    frame = read_parquet(path, CANDIDATE_COLUMNS, hint="run `python infer.py` first (or point --input-dir at its output)")
     if frame.empty:
         raise TpasError(f"{path}: has no rows; re-run the stage that wrote it.")
     return frame
@@ -61,7 +61,7 @@ def read_candidates(stage_dir: str | Path) -> pd.DataFrame:
 
 def read_queries(stage_dir: str | Path) -> pd.DataFrame:
     path = Path(stage_dir) / QUERIES_FILE
-    frame = read_parquet(path, QUERY_COLUMNS, hint="run `python infer.py` first (or point --in at its output)")
+    frame = read_parquet(path, QUERY_COLUMNS, hint="run `python infer.py` first (or point --input-dir at its output)")
     return frame.sort_values("position", kind="stable").reset_index(drop=True)
 
 
