@@ -168,9 +168,12 @@ def infer(cfg: InferConfig) -> dict:
     model, model_cfg, model_key = _load_model(cfg)
     tokenizer = model_lib.build_tokenizer(model_cfg)
     transform = model_lib.image_transform(model_cfg, train=False)
+    use_itm = cfg.itm and not cfg.zero_shot
+    if cfg.itm and cfg.zero_shot:
+        print("zero-shot: the ITM head of this preset is untrained, so ranking is by ITC alone")
     image_feat, image_embeds, from_cache = cached_gallery(model, test.gallery["path"].tolist(), transform, cfg, model_key)
     ranked = rank(model, tokenizer, test.queries["caption"].tolist(), image_feat, image_embeds, cfg.k,
-                  model_cfg.max_tokens, cfg.itm, cfg.itc_weight, cfg.text_batch, cfg.itm_batch, cfg.progress)
+                  model_cfg.max_tokens, use_itm, cfg.itc_weight, cfg.text_batch, cfg.itm_batch, cfg.progress)
     candidates, queries = to_frames(test, ranked)
     out = Path(cfg.output_dir)
     write_parquet(out / CANDIDATES_FILE, candidates)
@@ -187,6 +190,6 @@ def infer(cfg: InferConfig) -> dict:
         summary["metrics"] = {"itc": ranking_metrics(itc_order, gt), "final": ranking_metrics(candidates, gt)}
         write_json(out / "metrics.json", summary["metrics"])
         print(f"ITC          {format_metrics(summary['metrics']['itc'])}")
-        if cfg.itm:
+        if use_itm:
             print(f"ITC+ITM top{summary['k']} {format_metrics(summary['metrics']['final'])}")
     return summary

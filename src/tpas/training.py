@@ -42,10 +42,13 @@ class TrainConfig:
     subset: int = field(10000, "Number of training pairs sampled (seeded, stratified normal/abnormal); 0 = all.")
     val_size: int = field(500, "Pairs held out for validation (whole source videos), disjoint from the subset.")
     seed: int = field(0, "Seed for subset, shuffling, augmentation and initialisation.")
-    epochs: int = field(2, "Epochs over the subset (the paper uses 10 on a GPU; 2 fit the CPU demo).")
+    epochs: int = field(3, "Epochs over the subset (the paper uses 10 on a GPU; 3 fit the CPU demo).")
     batch_size: int = field(16, "Pairs per step; in-batch ITC negatives come from the same batch.")
-    lr: float = field(3e-5, "AdamW learning rate for pretrained parameters.")
-    new_lr_mult: float = field(2.0, "Learning-rate multiplier for newly initialised parameters.")
+    # The paper's 3e-5 (x2 for new parameters) fine-tunes an X-VLM whose ITC/ITM heads were already
+    # pre-trained; the lite preset's heads start random, and on the demo set 1e-4 (x5) reaches
+    # val R@1 9.6 after 150 steps where 3e-5 (x2) reaches 1.6 (docs in README).
+    lr: float = field(1e-4, "AdamW learning rate for pretrained parameters (paper: 3e-5 for a pre-trained X-VLM).")
+    new_lr_mult: float = field(5.0, "Learning-rate multiplier for newly initialised parameters (paper: 2).")
     weight_decay: float = field(0.01, "AdamW weight decay (not on biases and norms).")
     model: str = field("lite", "Model preset: lite = EfficientNet-Lite0 + MiniLM-L6 (packaged weights); tiny = random, for smoke tests.", choices=list(model_lib.PRESETS))
     max_tokens: int = field(70, "Maximum caption length in tokens.")
