@@ -41,7 +41,7 @@ class InferConfig:
     output_dir: Path = field(Path("outputs/infer"), "Where the candidates and metrics are written.")
     k: int = field(128, "Candidates per query kept from ITC and re-ranked by ITM.")
     itm: bool = field(True, "Re-rank the top-k with the ITM head (off: rank by ITC alone).")
-    itc_weight: float = field(0.0, "Final score = ITM score + this × ITC similarity (0: ITM alone, as X-VLM).")
+    itc_weight: float | None = field(None, "Final score = ITM score + this × ITC similarity; default 1/temperature, i.e. ITM logit + ITC logit (0: ITM alone, as X-VLM).")
     image_batch: int = field(64, "Images per encoder batch.")
     text_batch: int = field(128, "Captions per encoder batch.")
     itm_batch: int = field(512, "Query-candidate pairs per ITM batch.")
@@ -172,8 +172,10 @@ def infer(cfg: InferConfig) -> dict:
     if cfg.itm and cfg.zero_shot:
         print("zero-shot: the ITM head of this preset is untrained, so ranking is by ITC alone")
     image_feat, image_embeds, from_cache = cached_gallery(model, test.gallery["path"].tolist(), transform, cfg, model_key)
+    # Both heads give logits: the ITC one is similarity / temperature, so by default they add up.
+    itc_weight = cfg.itc_weight if cfg.itc_weight is not None else 1.0 / float(model.temp)
     ranked = rank(model, tokenizer, test.queries["caption"].tolist(), image_feat, image_embeds, cfg.k,
-                  model_cfg.max_tokens, use_itm, cfg.itc_weight, cfg.text_batch, cfg.itm_batch, cfg.progress)
+                  model_cfg.max_tokens, use_itm, itc_weight, cfg.text_batch, cfg.itm_batch, cfg.progress)
     candidates, queries = to_frames(test, ranked)
     out = Path(cfg.output_dir)
     write_parquet(out / CANDIDATES_FILE, candidates)
@@ -182,14 +184,15 @@ def infer(cfg: InferConfig) -> dict:
     write_json(out / "infer_config.json", cfg)
     summary: dict[str, Any] = {"queries": len(queries), "gallery": len(test.gallery), "k": int(ranked["index"].shape[1]),
                                "source": test.source, "gallery_cache_hit": from_cache,
+                               "itc_weight": itc_weight if use_itm else None,
                                "seconds": round(time.time() - started, 1)}
     gt = dict(zip(queries["query_index"], queries["gt_image"])) if queries["gt_image"].notna().all() else None
     if gt is not None:
         itc_order = candidates.sort_values(["query_index", "itc"], ascending=[True, False], kind="stable")
         itc_order["rank"] = itc_order.groupby("query_index").cumcount().astype(np.int32) + 1
         summary["metrics"] = {"itc": ranking_metrics(itc_order, gt), "final": ranking_metrics(candidates, gt)}
-        write_json(out / "metrics.json", summary["metrics"])
+        write_json(out / "metrics.json", {**summary["metrics"], "itc_weight": summary["itc_weight"]})
         print(f"ITC          {format_metrics(summary['metrics']['itc'])}")
         if use_itm:
-            print(f"ITC+ITM top{summary['k']} {format_metrics(summary['metrics']['final'])}")
+            print(f"ITM+{itc_weight:.1f}*ITC top{summary['k']} {format_metrics(summary['metrics']['final'])}")
     return summary
