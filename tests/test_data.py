@@ -111,3 +111,15 @@ def test_challenge_folder_follows_query_index_order(tmp_path: Path) -> None:
     (folder / "query_index.txt").write_bytes(b"q2\r\nq9\r\n")
     with pytest.raises(TpasError, match="query 'q9' is not in query.json"):
         load_test_set(tmp_path)
+
+
+def test_atomic_write_leaves_no_temp_file_and_normal_mode(tmp_path: Path) -> None:
+    import os
+    from tpas.io import write_text
+
+    target = tmp_path / "out" / "file.txt"
+    write_text(target, "hello")
+    assert target.read_text() == "hello" and [p.name for p in target.parent.iterdir()] == ["file.txt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
