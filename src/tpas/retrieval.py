@@ -173,7 +173,7 @@ def infer(cfg: InferConfig) -> dict:
         print("zero-shot: the ITM head of this preset is untrained, so ranking is by ITC alone")
     image_feat, image_embeds, from_cache = cached_gallery(model, test.gallery["path"].tolist(), transform, cfg, model_key)
     # Both heads give logits: the ITC one is similarity / temperature, so by default they add up.
-    itc_weight = cfg.itc_weight if cfg.itc_weight is not None else 1.0 / float(model.temp)
+    itc_weight = cfg.itc_weight if cfg.itc_weight is not None else 1.0 / float(model.temp.detach())
     ranked = rank(model, tokenizer, test.queries["caption"].tolist(), image_feat, image_embeds, cfg.k,
                   model_cfg.max_tokens, use_itm, itc_weight, cfg.text_batch, cfg.itm_batch, cfg.progress)
     candidates, queries = to_frames(test, ranked)
