@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pandas as pd
 
@@ -96,14 +96,3 @@ def read_parquet(path: str | Path, required: list[str] | None = None, hint: str 
     if missing:
         raise TpasError(f"{path}: missing column(s) {', '.join(missing)}; regenerate it with this version of tpas.")
     return frame
-
-
-def save_config(target: str | Path, config: Any) -> None:
-    """Save a resolved dataclass config as JSON beside an output, for reproducibility."""
-    write_json(target, config)
-
-
-def with_atomic(target: str | Path, writer: Callable[[Path], None]) -> None:
-    """Run `writer(tmp_path)` and move the result over `target` atomically."""
-    with atomic_path(target) as tmp:
-        writer(tmp)
