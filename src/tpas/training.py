@@ -245,20 +245,20 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path, resumed: dict | None) -> tupl
         return by_id.loc[resumed["train"]].reset_index(drop=True), by_id.loc[resumed["val"]].reset_index(drop=True), len(problems)
     train, val = split_train_val(frame, cfg.subset or None, cfg.val_size, cfg.seed)
     columns = ("image", "hard_i") if cfg.pab_hard_negatives else ("image",)
-    for part_name in ("train", "val"):
-        part = train if part_name == "train" else val
+
+    def usable(part: pd.DataFrame) -> pd.DataFrame:
+        """`part` less the rows whose images do not decode (or stop, with --on-bad-sample fail)."""
         bad = check_images(part, cfg.data_root, columns, progress=cfg.progress)
-        if bad:
-            if cfg.on_bad_sample == "fail":
-                raise TpasError(bad[0].sentence() + "; fix it or pass --on-bad-sample skip.")
-            bad_keys = {(p.file.rsplit("/", 1)[-1], p.line) for p in bad}
-            keep = [(f, l) not in bad_keys for f, l in zip(part["file"], part["line"])]
-            part = part[keep].reset_index(drop=True)
-            problems.extend(bad)
-        if part_name == "train":
-            train = part
-        else:
-            val = part
+        if bad and cfg.on_bad_sample == "fail":
+            raise TpasError(bad[0].sentence() + "; fix it or pass --on-bad-sample skip.")
+        if not bad:
+            return part
+        problems.extend(bad)
+        bad_rows = {(Path(p.file).name, p.line) for p in bad}
+        keep = [(f, line) not in bad_rows for f, line in zip(part["file"], part["line"])]
+        return part[keep].reset_index(drop=True)
+
+    train, val = usable(train), usable(val)
     return train, val, len(problems)
 
 
