@@ -26,6 +26,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torchvision import transforms as T
 from transformers import AutoTokenizer, BertConfig, BertModel
@@ -67,6 +68,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 NEW_PARAM_PREFIXES = ("image_proj.", "image_pos_embed", "image_norm.", "vision_proj.", "text_proj.", "itm_head.",
                       "temp")
 NEW_PARAM_INFIX = ".crossattention."  # inside fusion.<i>: the cross-attention is new
+NO_DECAY_SUFFIXES = ("pos_embed", "position_embedding", "temp", "logit_scale")  # besides biases and norms
+
+FAMILIES = ("tpas", "blip", "clip")
 
 TEMP_RANGE = (0.001, 0.5)  # X-VLM's clamp for the learnable temperature
 
@@ -74,6 +78,7 @@ TEMP_RANGE = (0.001, 0.5)  # X-VLM's clamp for the learnable temperature
 @dataclass
 class ModelConfig:
     preset: str = "lite"                        # the preset this config started from (see PRESETS)
+    family: str = "tpas"                        # which builder: tpas (X-VLM-style, this module), blip, clip
     image_backbone: str = "tf_efficientnet_lite0"  # timm name
     image_size: tuple[int, int] = (128, 64)     # (H, W); pedestrian crops
     image_pretrained: bool = True               # load the packaged ImageNet weights
@@ -84,11 +89,19 @@ class ModelConfig:
     embed_dim: int = 256                        # ITC projection size
     max_tokens: int = 70
     temp: float = 0.07                          # learnable, clamped to TEMP_RANGE
+    image_mean: tuple[float, float, float] = IMAGE_MEAN
+    image_std: tuple[float, float, float] = IMAGE_STD
+    hf_model: str | None = None                 # blip/clip: a local transformers model dir (or a hub name online)
+    hf_config: dict | None = None               # blip/clip: build a RANDOM model from this config (tests)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise TpasError(f"unknown model preset {self.preset!r}; choose one of {sorted(PRESETS)}.")
+        if self.family not in FAMILIES:
+            raise TpasError(f"unknown model family {self.family!r}; choose one of {FAMILIES}.")
         self.image_size = tuple(int(v) for v in self.image_size)  # JSON gives lists
+        self.image_mean = tuple(float(v) for v in self.image_mean)
+        self.image_std = tuple(float(v) for v in self.image_std)
         if len(self.image_size) != 2 or min(self.image_size) < 32:
             raise TpasError(f"image_size must be (height, width), each >= 32; got {self.image_size}.")
         if self.fusion_layers < 1:
@@ -267,7 +280,7 @@ def image_transform(cfg: ModelConfig, train: bool) -> T.Compose:
         steps += [T.RandomResizedCrop((height, width), scale=(0.8, 1.0), ratio=(0.9 * aspect, 1.1 * aspect),
                                       interpolation=T.InterpolationMode.BICUBIC),
                   T.RandomHorizontalFlip()]
-    steps += [T.ToTensor(), T.Normalize(IMAGE_MEAN, IMAGE_STD)]
+    steps += [T.ToTensor(), T.Normalize(cfg.image_mean, cfg.image_std)]
     return T.Compose(steps)
 
 
@@ -355,7 +368,169 @@ def _pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, extra) if t.dim() == 3 else (0, extra))
 
 
-class TpasModel(nn.Module):
+class RetrievalModel(nn.Module):
+    """What training and retrieval need from a model; the X-VLM-style TpasModel, BLIP and CLIP
+    wrappers (tpas.hf_models) all provide it, and share the ITC + ITM losses below.
+
+    image_state / text_state are whatever the model's cross encoder reads per image / caption
+    (token states for X-VLM-style models; token ids for BLIP, whose ITM encoder re-reads the
+    caption). They are indexed row-wise like the feats, and the gallery's are cached on disk.
+    """
+
+    cfg: ModelConfig
+    temp: nn.Parameter
+    has_itm: bool = True          # False: a dual encoder; retrieval ranks by ITC alone
+    grad_checkpointing: bool = False
+
+    # ---- what each model provides
+
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B, 3, H, W] -> (image_state [B, ...], unit-norm image_feat [B, E])."""
+        raise NotImplementedError
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (text_state [B, L, ...], unit-norm text_feat [B, E])."""
+        raise NotImplementedError
+
+    def itm_logits(self, image_state: torch.Tensor, text_state: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """[B, 2] (no match, match) logits for row-aligned (image, caption) pairs."""
+        raise NotImplementedError
+
+    def is_new_parameter(self, name: str) -> bool:
+        """True for parameters not initialised from pretrained weights (they train at lr × new_lr_mult)."""
+        return False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no gradient checkpointing")
+
+    def itm_score(self, image_state: torch.Tensor, text_state: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Match score [B] (logit of "match" minus logit of "no match") for row-aligned pairs."""
+        logits = self.itm_logits(image_state, text_state, text_mask)
+        return logits[:, 1] - logits[:, 0]
+
+    # ---- training
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                hard_images: torch.Tensor | None = None, hard_input_ids: torch.Tensor | None = None,
+                hard_attention_mask: torch.Tensor | None = None,
+                image_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """ITC + ITM losses for B (image, caption) pairs.
+
+        hard_images[j]: a non-matching image for caption j; hard_input_ids[i]: a non-matching
+        caption for image i (PAB's hard_i / hard_c). image_ids (optional) marks rows showing the
+        same image, which are then never used as each other's negatives; identical captions are
+        detected from their tokens.
+        """
+        if (hard_input_ids is None) != (hard_attention_mask is None):
+            raise ValueError("hard_input_ids and hard_attention_mask go together.")
+        with torch.no_grad():
+            self.temp.clamp_(*TEMP_RANGE)
+        image_embeds, image_feat = self.encode_image(images)
+        text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
+        positive = self._positive_pairs(input_ids, attention_mask, image_ids)
+
+        hard_img = self.encode_image(hard_images) if hard_images is not None else None
+        hard_txt = (*self.encode_text(hard_input_ids, hard_attention_mask), hard_attention_mask) \
+            if hard_input_ids is not None else None
+
+        loss_itc = self._itc_loss(image_feat, text_feat, positive,
+                                  hard_img[1] if hard_img else None, hard_txt[1] if hard_txt else None)
+        if not self.has_itm:  # a dual encoder (CLIP): contrastive loss only
+            return {"loss": loss_itc, "loss_itc": loss_itc, "loss_itm": torch.zeros_like(loss_itc)}
+        loss_itm = self._itm_loss(image_embeds, image_feat, text_embeds, text_feat, attention_mask, positive,
+                                  hard_img[0] if hard_img else None, hard_txt)
+        return {"loss": loss_itc + loss_itm, "loss_itc": loss_itc, "loss_itm": loss_itm}
+
+    @staticmethod
+    def _positive_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        image_ids: torch.Tensor | None) -> torch.Tensor:
+        """[B, B] bool: image i and caption j match (the diagonal, identical captions, same image)."""
+        ids = input_ids * attention_mask  # padding ignored
+        positive = (ids[:, None, :] == ids[None, :, :]).all(-1)
+        if image_ids is not None:
+            positive |= image_ids[:, None] == image_ids[None, :]
+        return positive
+
+    def _itc_loss(self, image_feat: torch.Tensor, text_feat: torch.Tensor, positive: torch.Tensor,
+                  hard_image_feat: torch.Tensor | None, hard_text_feat: torch.Tensor | None) -> torch.Tensor:
+        """X-VLM's symmetric contrastive loss; each row's own hard negative is one extra column."""
+        sim = image_feat @ text_feat.t()
+        i2t, t2i = [sim], [sim.t()]
+        if hard_text_feat is not None:
+            i2t.append((image_feat * hard_text_feat).sum(-1, keepdim=True))
+        if hard_image_feat is not None:
+            t2i.append((text_feat * hard_image_feat).sum(-1, keepdim=True))
+        targets = positive.float() / positive.sum(1, keepdim=True)  # duplicates share the probability mass
+
+        def soft_ce(columns: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+            log_prob = F.log_softmax(torch.cat(columns, dim=1) / self.temp, dim=1)
+            return -(log_prob[:, :target.shape[1]] * target).sum(1).mean()
+
+        return (soft_ce(i2t, targets) + soft_ce(t2i, targets.t())) / 2
+
+    def _itm_loss(self, image_embeds: torch.Tensor, image_feat: torch.Tensor, text_embeds: torch.Tensor,
+                  text_feat: torch.Tensor, text_mask: torch.Tensor, positive: torch.Tensor,
+                  hard_image_embeds: torch.Tensor | None,
+                  hard_text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """X-VLM's matching loss: per positive pair one negative image and one negative text,
+        sampled in proportion to softmax(similarity) among non-matching ones, plus PAB's."""
+        with torch.no_grad():
+            sim = image_feat @ text_feat.t() / self.temp
+            weights_i2t = (F.softmax(sim, dim=1) + 1e-5).masked_fill(positive, 0)
+            weights_t2i = (F.softmax(sim.t(), dim=1) + 1e-5).masked_fill(positive.t(), 0)
+            # a row whose every candidate matches (e.g. B=1) has no negative to sample
+            has_neg_text = weights_i2t.sum(1) > 0
+            has_neg_image = weights_t2i.sum(1) > 0
+            neg_text = torch.multinomial(weights_i2t[has_neg_text], 1).squeeze(1) if has_neg_text.any() else None
+            neg_image = torch.multinomial(weights_t2i[has_neg_image], 1).squeeze(1) if has_neg_image.any() else None
+
+        # (image tokens, text tokens, text mask) per group; the positives come first
+        groups = [(image_embeds, text_embeds, text_mask)]
+        if neg_image is not None:
+            groups.append((image_embeds[neg_image], text_embeds[has_neg_image], text_mask[has_neg_image]))
+        if neg_text is not None:
+            groups.append((image_embeds[has_neg_text], text_embeds[neg_text], text_mask[neg_text]))
+        if hard_image_embeds is not None:
+            groups.append((hard_image_embeds, text_embeds, text_mask))
+        if hard_text is not None:
+            groups.append((image_embeds, hard_text[0], hard_text[2]))
+        length = max(g[1].shape[1] for g in groups)
+        logits = self.itm_logits(torch.cat([g[0] for g in groups]),
+                                 torch.cat([_pad_tokens(g[1], length) for g in groups]),
+                                 torch.cat([_pad_tokens(g[2], length) for g in groups]))
+        labels = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+        labels[:len(image_embeds)] = 1
+        return F.cross_entropy(logits, labels)
+
+    # ---- optimisation
+
+    def new_parameter_names(self) -> list[str]:
+        """Names of the parameters not initialised from pretrained weights (named_parameters order):
+        image_pos_embed, temp, image_proj.*, image_norm.*, fusion.<i>.crossattention.*,
+        vision_proj.*, text_proj.*, itm_head.*."""
+        return [name for name, _ in self.named_parameters() if self.is_new_parameter(name)]
+
+    def param_groups(self, weight_decay: float, lr: float, new_lr_mult: float = 2.0) -> list[dict]:
+        """AdamW groups: pretrained params at lr, new ones at lr * new_lr_mult; no weight decay on
+        biases, norm weights, the position embeddings and temp. Empty groups are left out."""
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            decay = param.ndim > 1 and not name.endswith(NO_DECAY_SUFFIXES)
+            groups.setdefault((self.is_new_parameter(name), decay), []).append(param)
+        out = []
+        for new in (False, True):
+            for decay in (True, False):
+                params = groups.get((new, decay))
+                if params:
+                    out.append({"name": f"{'new' if new else 'pretrained'}{'' if decay else '_no_decay'}",
+                                "params": params, "lr": lr * new_lr_mult if new else lr,
+                                "weight_decay": weight_decay if decay else 0.0})
+        return out
+
+
+class TpasModel(RetrievalModel):
     def __init__(self, cfg: ModelConfig, image_encoder: nn.Module, text_encoder: BertModel):
         super().__init__()
         self.cfg = cfg
@@ -434,138 +609,31 @@ class TpasModel(nn.Module):
             x = layer(x, mask, image_embeds)
         return x[:, 0]
 
-    def itm_score(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """Match score [B] (logit of "match" minus logit of "no match") for row-aligned pairs."""
-        logits = self.itm_head(self.fuse(text_embeds, text_mask, image_embeds))
-        return logits[:, 1] - logits[:, 0]
+    def itm_logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        fuse = self.fuse
+        if self.grad_checkpointing and self.training:
+            return self.itm_head(torch.utils.checkpoint.checkpoint(fuse, text_embeds, text_mask, image_embeds,
+                                                                   use_reentrant=False))
+        return self.itm_head(fuse(text_embeds, text_mask, image_embeds))
 
-    # ---- training
+    def is_new_parameter(self, name: str) -> bool:
+        return name.startswith(NEW_PARAM_PREFIXES) or (name.startswith("fusion.") and NEW_PARAM_INFIX in name)
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                hard_images: torch.Tensor | None = None, hard_input_ids: torch.Tensor | None = None,
-                hard_attention_mask: torch.Tensor | None = None,
-                image_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """ITC + ITM losses for B (image, caption) pairs.
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in the backward pass (text encoder, CNN stages, fusion layers)."""
+        self.grad_checkpointing = enable
+        if enable:
+            self.text_encoder.gradient_checkpointing_enable({"use_reentrant": False})
+        else:
+            self.text_encoder.gradient_checkpointing_disable()
+        if hasattr(self.image_encoder, "set_grad_checkpointing"):
+            self.image_encoder.set_grad_checkpointing(enable)
 
-        hard_images[j]: a non-matching image for caption j; hard_input_ids[i]: a non-matching
-        caption for image i (PAB's hard_i / hard_c). image_ids (optional) marks rows showing the
-        same image, which are then never used as each other's negatives; identical captions are
-        detected from their tokens.
-        """
-        if (hard_input_ids is None) != (hard_attention_mask is None):
-            raise ValueError("hard_input_ids and hard_attention_mask go together.")
-        with torch.no_grad():
-            self.temp.clamp_(*TEMP_RANGE)
-        image_embeds, image_feat = self.encode_image(images)
-        text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
-        positive = self._positive_pairs(input_ids, attention_mask, image_ids)
-
-        hard_img = self.encode_image(hard_images) if hard_images is not None else None
-        hard_txt = (*self.encode_text(hard_input_ids, hard_attention_mask), hard_attention_mask) \
-            if hard_input_ids is not None else None
-
-        loss_itc = self._itc_loss(image_feat, text_feat, positive,
-                                  hard_img[1] if hard_img else None, hard_txt[1] if hard_txt else None)
-        loss_itm = self._itm_loss(image_embeds, image_feat, text_embeds, text_feat, attention_mask, positive,
-                                  hard_img[0] if hard_img else None, hard_txt)
-        return {"loss": loss_itc + loss_itm, "loss_itc": loss_itc, "loss_itm": loss_itm}
-
-    @staticmethod
-    def _positive_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        image_ids: torch.Tensor | None) -> torch.Tensor:
-        """[B, B] bool: image i and caption j match (the diagonal, identical captions, same image)."""
-        ids = input_ids * attention_mask  # padding ignored
-        positive = (ids[:, None, :] == ids[None, :, :]).all(-1)
-        if image_ids is not None:
-            positive |= image_ids[:, None] == image_ids[None, :]
-        return positive
-
-    def _itc_loss(self, image_feat: torch.Tensor, text_feat: torch.Tensor, positive: torch.Tensor,
-                  hard_image_feat: torch.Tensor | None, hard_text_feat: torch.Tensor | None) -> torch.Tensor:
-        """X-VLM's symmetric contrastive loss; each row's own hard negative is one extra column."""
-        sim = image_feat @ text_feat.t()
-        i2t, t2i = [sim], [sim.t()]
-        if hard_text_feat is not None:
-            i2t.append((image_feat * hard_text_feat).sum(-1, keepdim=True))
-        if hard_image_feat is not None:
-            t2i.append((text_feat * hard_image_feat).sum(-1, keepdim=True))
-        targets = positive.float() / positive.sum(1, keepdim=True)  # duplicates share the probability mass
-
-        def soft_ce(columns: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-            log_prob = F.log_softmax(torch.cat(columns, dim=1) / self.temp, dim=1)
-            return -(log_prob[:, :target.shape[1]] * target).sum(1).mean()
-
-        return (soft_ce(i2t, targets) + soft_ce(t2i, targets.t())) / 2
-
-    def _itm_loss(self, image_embeds: torch.Tensor, image_feat: torch.Tensor, text_embeds: torch.Tensor,
-                  text_feat: torch.Tensor, text_mask: torch.Tensor, positive: torch.Tensor,
-                  hard_image_embeds: torch.Tensor | None,
-                  hard_text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """X-VLM's matching loss: per positive pair one negative image and one negative text,
-        sampled in proportion to softmax(similarity) among non-matching ones, plus PAB's."""
-        with torch.no_grad():
-            sim = image_feat @ text_feat.t() / self.temp
-            weights_i2t = (F.softmax(sim, dim=1) + 1e-5).masked_fill(positive, 0)
-            weights_t2i = (F.softmax(sim.t(), dim=1) + 1e-5).masked_fill(positive.t(), 0)
-            # a row whose every candidate matches (e.g. B=1) has no negative to sample
-            has_neg_text = weights_i2t.sum(1) > 0
-            has_neg_image = weights_t2i.sum(1) > 0
-            neg_text = torch.multinomial(weights_i2t[has_neg_text], 1).squeeze(1) if has_neg_text.any() else None
-            neg_image = torch.multinomial(weights_t2i[has_neg_image], 1).squeeze(1) if has_neg_image.any() else None
-
-        # (image tokens, text tokens, text mask) per group; the positives come first
-        groups = [(image_embeds, text_embeds, text_mask)]
-        if neg_image is not None:
-            groups.append((image_embeds[neg_image], text_embeds[has_neg_image], text_mask[has_neg_image]))
-        if neg_text is not None:
-            groups.append((image_embeds[has_neg_text], text_embeds[neg_text], text_mask[neg_text]))
-        if hard_image_embeds is not None:
-            groups.append((hard_image_embeds, text_embeds, text_mask))
-        if hard_text is not None:
-            groups.append((image_embeds, hard_text[0], hard_text[2]))
-        length = max(g[1].shape[1] for g in groups)
-        fused = self.fuse(torch.cat([_pad_tokens(g[1], length) for g in groups]),
-                          torch.cat([_pad_tokens(g[2], length) for g in groups]),
-                          torch.cat([g[0] for g in groups]))
-        logits = self.itm_head(fused)
-        labels = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
-        labels[:len(image_embeds)] = 1
-        return F.cross_entropy(logits, labels)
-
-    # ---- optimisation
-
-    def new_parameter_names(self) -> list[str]:
-        """Names of the parameters not initialised from pretrained weights (named_parameters order):
-        image_pos_embed, temp, image_proj.*, image_norm.*, fusion.<i>.crossattention.*,
-        vision_proj.*, text_proj.*, itm_head.*."""
-        return [name for name, _ in self.named_parameters() if _is_new_param(name)]
-
-    def param_groups(self, weight_decay: float, lr: float, new_lr_mult: float = 2.0) -> list[dict]:
-        """AdamW groups: pretrained params at lr, new ones at lr * new_lr_mult; no weight decay on
-        biases, norm weights, the position embeddings and temp. Empty groups are left out."""
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            decay = param.ndim > 1 and name != "image_pos_embed"
-            groups.setdefault((_is_new_param(name), decay), []).append(param)
-        out = []
-        for new in (False, True):
-            for decay in (True, False):
-                params = groups.get((new, decay))
-                if params:
-                    out.append({"name": f"{'new' if new else 'pretrained'}{'' if decay else '_no_decay'}",
-                                "params": params, "lr": lr * new_lr_mult if new else lr,
-                                "weight_decay": weight_decay if decay else 0.0})
-        return out
-
-
-def _is_new_param(name: str) -> bool:
-    return name.startswith(NEW_PARAM_PREFIXES) or (name.startswith("fusion.") and NEW_PARAM_INFIX in name)
-
-
-def build_model(cfg: ModelConfig) -> TpasModel:
+def build_model(cfg: ModelConfig) -> RetrievalModel:
     """Build the model offline: packaged/local pretrained weights as cfg asks, random otherwise."""
+    if cfg.family != "tpas":
+        from tpas import hf_models  # transformers' BLIP / CLIP, wrapped
+        return hf_models.build_hf_model(cfg)
     if cfg.text_config is not None:
         vocab = BertConfig(**cfg.text_config).vocab_size
         tokenizer_vocab = len(build_tokenizer(cfg))

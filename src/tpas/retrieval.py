@@ -68,7 +68,7 @@ def _file_digest(path: Path) -> str:
 
 
 @torch.inference_mode()
-def encode_gallery(model: model_lib.TpasModel, paths: list[str], transform: Any, batch_size: int,
+def encode_gallery(model: model_lib.RetrievalModel, paths: list[str], transform: Any, batch_size: int,
                    progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(image_feat [G, E], image_embeds [G, N, D]) for every gallery image."""
     feats, embeds = [], []
@@ -80,7 +80,7 @@ def encode_gallery(model: model_lib.TpasModel, paths: list[str], transform: Any,
     return torch.cat(feats), torch.cat(embeds)
 
 
-def cached_gallery(model: model_lib.TpasModel, paths: list[str], transform: Any, cfg: InferConfig,
+def cached_gallery(model: model_lib.RetrievalModel, paths: list[str], transform: Any, cfg: InferConfig,
                    model_key: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
     cache = Path(cfg.cache_dir) / f"gallery-{_fingerprint(paths, model_key)}.safetensors"
     if cache.is_file():
@@ -97,7 +97,7 @@ def cached_gallery(model: model_lib.TpasModel, paths: list[str], transform: Any,
 
 
 @torch.inference_mode()
-def rank(model: model_lib.TpasModel, tokenizer: Any, captions: list[str], image_feat: torch.Tensor,
+def rank(model: model_lib.RetrievalModel, tokenizer: Any, captions: list[str], image_feat: torch.Tensor,
          image_embeds: torch.Tensor, k: int, max_tokens: int, use_itm: bool = True, itc_weight: float = 0.0,
          text_batch: int = 128, itm_batch: int = 512, progress: bool = True) -> dict[str, np.ndarray]:
     """Top-k gallery indices per query by ITC, re-scored by ITM in batches that span queries.
@@ -131,7 +131,7 @@ def rank(model: model_lib.TpasModel, tokenizer: Any, captions: list[str], image_
     return {"index": take(top_index), "itc": take(top_itc), "itm": take(top_itm), "score": take(score)}
 
 
-def _load_model(cfg: InferConfig) -> tuple[model_lib.TpasModel, model_lib.ModelConfig, str]:
+def _load_model(cfg: InferConfig) -> tuple[model_lib.RetrievalModel, model_lib.ModelConfig, str]:
     if cfg.zero_shot:
         torch.manual_seed(cfg.seed)
         model_cfg = model_lib.ModelConfig.from_preset(cfg.model)

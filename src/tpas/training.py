@@ -198,7 +198,7 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def load_run_model(run_dir: str | Path) -> tuple[model_lib.TpasModel, model_lib.ModelConfig]:
+def load_run_model(run_dir: str | Path) -> tuple[model_lib.RetrievalModel, model_lib.ModelConfig]:
     """Rebuild a trained model from its run directory (config.json + model.safetensors)."""
     run_dir = Path(run_dir)
     saved = read_json(run_dir / "config.json")
@@ -213,7 +213,7 @@ def load_run_model(run_dir: str | Path) -> tuple[model_lib.TpasModel, model_lib.
 # ---------------------------------------------------------------- validation
 
 @torch.inference_mode()
-def validate(model: model_lib.TpasModel, frame: pd.DataFrame, data_root: Path, transform: Any, tokenizer: Any,
+def validate(model: model_lib.RetrievalModel, frame: pd.DataFrame, data_root: Path, transform: Any, tokenizer: Any,
              max_tokens: int, batch_size: int = 64) -> dict[str, float]:
     """ITC text→image retrieval over the held-out pairs (gallery = their distinct images)."""
     model.eval()
