@@ -43,6 +43,7 @@ class TrainConfig:
     val_size: int = field(500, "Pairs held out for validation (whole source videos), disjoint from the subset.")
     seed: int = field(0, "Seed for subset, shuffling, augmentation and initialisation.")
     epochs: int = field(3, "Epochs over the subset (the paper uses 10 on a GPU; 3 fit the CPU demo).")
+    steps: int | None = field(None, "Train for exactly this many steps instead of --epochs (the schedule decays over them; equal compute for any --subset).")
     batch_size: int = field(16, "Pairs per step; in-batch ITC negatives come from the same batch.")
     # The paper's 3e-5 (x2 for new parameters) fine-tunes an X-VLM whose ITC/ITM heads were already
     # pre-trained; the lite preset's heads start random, and on the demo set 1e-4 (x5) reaches
@@ -301,7 +302,9 @@ def train(cfg: TrainConfig) -> dict:
                           cfg.pab_hard_negatives)
     sampler = ResumableSampler(len(dataset), cfg.seed, cfg.batch_size)
     steps_per_epoch = len(dataset) // cfg.batch_size
-    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.steps:  # a step budget: enough epochs to hold it, the last one cut short
+        cfg = dataclasses.replace(cfg, epochs=math.ceil(cfg.steps / steps_per_epoch))
+    total_steps = cfg.steps or steps_per_epoch * cfg.epochs
     optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay, cfg.lr, cfg.new_lr_mult), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / max(1, total_steps)))
     history: list[dict] = []
@@ -348,6 +351,8 @@ def train(cfg: TrainConfig) -> dict:
             bar.set_postfix(itc=f"{float(out['loss_itc'].detach()):.3f}", itm=f"{float(out['loss_itm'].detach()):.3f}")
             if not math.isfinite(losses[-1]):
                 raise TpasError(f"loss became {losses[-1]} at step {position['global_step']}; lower --lr.")
+            if cfg.steps and position["global_step"] >= cfg.steps:
+                break  # the budget is spent: validate and save as at an epoch end
             if cfg.max_steps is not None and position["global_step"] >= cfg.max_steps:
                 stop = True
                 break
