@@ -3,7 +3,9 @@
 - Image encoder: a timm CNN (default EfficientNet-Lite0 with the packaged ImageNet weights). Its
   final stride-32 feature map becomes tokens, projected to the text width; a CLS token (the mean
   of the projected tokens) is prepended, plus learned position embeddings (the layout of a
-  pedestrian crop, e.g. head above feet, carries the action).
+  pedestrian crop, e.g. head above feet, carries the action). With image_tokens="direct" (the
+  xvlm-* presets) a timm Swin's tokens are used as X-VLM uses them: no projection, CLS = their
+  mean, and the cross-attention reads their width (tpas.checkpoints loads X-VLM's weights).
 - Text encoder: a BERT-like `BertModel` (default: the packaged MiniLM-L6).
 - Fusion encoder: `FusionLayer`s (self-attention, cross-attention to image tokens, FFN), whose
   self-attention and FFN start as copies of the text model's top layers.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +51,10 @@ IMAGE_STD = (0.5, 0.5, 0.5)
 # activations after its stride-2 convolutions fit the BatchNorm statistics worse.
 PRETRAINED_BACKBONES = ("tf_efficientnet_lite0", "efficientnet_lite0")
 
+# OpenAI CLIP's normalisation, which BLIP also uses
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 # Named starting points; `ModelConfig.from_preset` applies them over the defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     # EfficientNet-Lite0 (ImageNet) + MiniLM-L6, both from installed packages.
@@ -61,6 +68,33 @@ PRESETS: dict[str, dict[str, Any]] = {
         "image_pretrained": False, "text_pretrained": False, "image_size": (64, 32),
         "fusion_layers": 1, "embed_dim": 16,
     },
+    # X-VLM-base (Swin-B + BERT-base, 6 text + 6 fusion layers) as CMP fine-tunes it on PAB: 224x224
+    # input and window 7, the resolution X-VLM's 16M/4M checkpoints were pre-trained at (CMP's
+    # configs/cmp.yaml + config_swinB.json). RANDOM unless train.py --init loads X-VLM's weights.
+    # The tokenizer is the packaged MiniLM's, whose vocab.txt is bert-base-uncased's (text_model
+    # may name a local bert-base-uncased dir instead).
+    "xvlm-base": {
+        "image_backbone": "swin_base_patch4_window7_224", "image_pretrained": False, "image_size": (224, 224),
+        "image_tokens": "direct", "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD,
+        "text_config": {}, "text_pretrained": False,  # {} = BertConfig's defaults = bert-base-uncased
+        "text_layers": 6, "fusion_layers": 6, "embed_dim": 256, "itm_head": "mlp",
+    },
+    # The same code path at toy size, random: tests and smoke runs.
+    "xvlm-tiny": {
+        "image_backbone": "swin_tiny_patch4_window7_224", "image_pretrained": False, "image_size": (32, 32),
+        "image_backbone_kwargs": {"embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4], "window_size": 4},
+        "image_tokens": "direct", "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD,
+        "text_config": {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2,
+                        "intermediate_size": 64, "vocab_size": 30522, "initializer_range": 0.2},
+        "text_pretrained": False, "text_layers": 2, "fusion_layers": 2, "embed_dim": 16, "itm_head": "mlp",
+    },
+    # transformers' BlipForImageTextRetrieval (tpas.hf_models): pretrained ITC + ITM; --hf-model takes a
+    # local dir saved from the hub (the hub name loads only from the cache or online)
+    "blip-itm": {"family": "blip", "hf_model": "Salesforce/blip-itm-base-coco", "image_size": (384, 384),
+                 "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD, "max_tokens": 35, "embed_dim": 256},
+    # transformers' CLIPModel (also EVA-CLIP-style checkpoints that load as one): ITC only, no ITM
+    "clip": {"family": "clip", "hf_model": "openai/clip-vit-base-patch16", "image_size": (224, 224),
+             "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD, "max_tokens": 77, "embed_dim": 512},
 }
 
 # Parameters created by this module rather than loaded from pretrained weights; they train at
@@ -71,6 +105,21 @@ NEW_PARAM_INFIX = ".crossattention."  # inside fusion.<i>: the cross-attention i
 NO_DECAY_SUFFIXES = ("pos_embed", "position_embedding", "temp", "logit_scale")  # besides biases and norms
 
 FAMILIES = ("tpas", "blip", "clip")
+IMAGE_TOKEN_MODES = ("projected", "direct")
+ITM_HEADS = ("linear", "mlp")
+
+# With image_tokens="direct" every weight, cross-attention included, comes from one image-text
+# checkpoint (X-VLM's, via train.py --init); as X-VLM's own fine-tuning does, only the ITC/ITM
+# heads and the temperature then train at lr * new_lr_mult.
+DIRECT_NEW_PARAM_PREFIXES = ("vision_proj.", "text_proj.", "itm_head.", "temp")
+
+# Presets whose weights come only from an image-text checkpoint passed to train.py --init: built
+# alone they are random, which build_model says in a warning.
+INIT_ONLY_PRESETS = ("xvlm-base",)
+
+
+class RandomWeightsWarning(UserWarning):
+    """A model meant to start from a checkpoint was built with random weights."""
 
 TEMP_RANGE = (0.001, 0.5)  # X-VLM's clamp for the learnable temperature
 
@@ -86,6 +135,11 @@ class ModelConfig:
     text_config: dict | None = None             # build a RANDOM BertModel from this config (tests, tiny)
     text_pretrained: bool = True
     fusion_layers: int = 2                      # initialised from the text model's top layers
+    # X-VLM-style models (see the xvlm-* presets); the defaults keep lite/tiny as they were
+    image_backbone_kwargs: dict | None = None   # extra timm.create_model arguments (e.g. a tiny Swin's dims)
+    image_tokens: str = "projected"             # projected: CNN map -> text width (+ pos embed, norm); direct: X-VLM
+    text_layers: int | None = None              # keep only the first N text layers; fusion starts from layer N
+    itm_head: str = "linear"                    # linear | mlp (X-VLM's Linear, LayerNorm, GELU, Linear)
     embed_dim: int = 256                        # ITC projection size
     max_tokens: int = 70
     temp: float = 0.07                          # learnable, clamped to TEMP_RANGE
@@ -106,6 +160,12 @@ class ModelConfig:
             raise TpasError(f"image_size must be (height, width), each >= 32; got {self.image_size}.")
         if self.fusion_layers < 1:
             raise TpasError(f"fusion_layers must be >= 1; got {self.fusion_layers}.")
+        if self.image_tokens not in IMAGE_TOKEN_MODES:
+            raise TpasError(f"image_tokens must be one of {IMAGE_TOKEN_MODES}; got {self.image_tokens!r}.")
+        if self.itm_head not in ITM_HEADS:
+            raise TpasError(f"itm_head must be one of {ITM_HEADS}; got {self.itm_head!r}.")
+        if self.text_layers is not None and self.text_layers < 1:
+            raise TpasError(f"text_layers must be >= 1 (or null for all); got {self.text_layers}.")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
@@ -218,7 +278,11 @@ def _text_dir(cfg: ModelConfig) -> Path:
 
 
 def build_tokenizer(cfg: ModelConfig) -> Any:
-    """The tokenizer of cfg.text_model (or the packaged MiniLM's, also for a random text_config)."""
+    """The tokenizer of cfg.text_model (or the packaged MiniLM's, also for a random text_config);
+    for blip/clip that of cfg.hf_model (the packaged MiniLM's for a random hf_config model)."""
+    if cfg.family != "tpas" and cfg.hf_model:
+        from tpas import hf_models
+        return hf_models.build_hf_tokenizer(cfg.hf_model)
     return AutoTokenizer.from_pretrained(str(_text_dir(cfg)))
 
 
@@ -257,14 +321,18 @@ def build_text_encoder(cfg: ModelConfig) -> BertModel:
 # ---------------------------------------------------------------- image side
 
 def build_image_encoder(cfg: ModelConfig) -> nn.Module:
-    """A timm CNN without classifier or pooling; forward_features gives [B, C, h, w]."""
+    """A timm backbone without classifier or pooling; forward_features gives [B, C, h, w] (a CNN,
+    image_tokens="projected") or [B, h, w, C] (a Swin, image_tokens="direct")."""
     if cfg.image_pretrained and cfg.image_backbone not in PRETRAINED_BACKBONES:
         raise TpasError(f"only {PRETRAINED_BACKBONES} have packaged weights; got image_backbone="
                         f"{cfg.image_backbone!r} (set image_pretrained=false to train it from scratch).")
+    kwargs = dict(cfg.image_backbone_kwargs or {})
+    if cfg.image_tokens == "direct":
+        kwargs.setdefault("img_size", cfg.image_size)  # a Swin fixes its input size (attention masks) when built
     try:
-        model = timm.create_model(cfg.image_backbone, pretrained=False)  # never fetch from a hub
-    except RuntimeError as exc:
-        raise TpasError(f"unknown timm image_backbone {cfg.image_backbone!r} ({exc}).") from None
+        model = timm.create_model(cfg.image_backbone, pretrained=False, **kwargs)  # never fetch from a hub
+    except (RuntimeError, TypeError) as exc:
+        raise TpasError(f"timm cannot build image_backbone {cfg.image_backbone!r} with {kwargs} ({exc}).") from None
     if cfg.image_pretrained:
         load_efficientnet_lite0_weights(model)
     model.reset_classifier(0, "")
@@ -287,11 +355,11 @@ def image_transform(cfg: ModelConfig, train: bool) -> T.Compose:
 # ---------------------------------------------------------------- fusion encoder
 
 class _QKV(nn.Module):
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, kv_width: int | None = None):
         super().__init__()
         self.query = nn.Linear(hidden, hidden)
-        self.key = nn.Linear(hidden, hidden)
-        self.value = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(kv_width or hidden, hidden)
+        self.value = nn.Linear(kv_width or hidden, hidden)
 
 
 class _DenseNorm(nn.Module):
@@ -308,11 +376,11 @@ class _DenseNorm(nn.Module):
 
 
 class _Attention(nn.Module):
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, kv_width: int | None = None):
         super().__init__()
         self.heads = config.num_attention_heads
         self.attn_dropout = config.attention_probs_dropout_prob
-        self.self = _QKV(config.hidden_size)
+        self.self = _QKV(config.hidden_size, kv_width)
         self.output = _DenseNorm(config.hidden_size, config.hidden_size, config.layer_norm_eps,
                                  config.hidden_dropout_prob)
 
@@ -341,18 +409,21 @@ class _Intermediate(nn.Module):
 
 class FusionLayer(nn.Module):
     """A BERT layer plus cross-attention to image tokens. Parameter names follow `BertLayer`
-    (attention.self.query, ..., output.LayerNorm) so its weights copy over by name."""
+    (attention.self.query, ..., output.LayerNorm) so its weights copy over by name.
 
-    def __init__(self, config: BertConfig):
+    encoder_width: the image tokens' width, read by the cross-attention key/value (X-VLM's
+    `encoder_width`: the Swin's 1024 for a 768-wide BERT); None = the text width."""
+
+    def __init__(self, config: BertConfig, encoder_width: int | None = None):
         super().__init__()
         self.attention = _Attention(config)
-        self.crossattention = _Attention(config)
+        self.crossattention = _Attention(config, kv_width=encoder_width)
         self.intermediate = _Intermediate(config)
         self.output = _DenseNorm(config.intermediate_size, config.hidden_size, config.layer_norm_eps,
                                  config.hidden_dropout_prob)
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """text [B, L, D]; text_mask bool [B, 1, 1, L] (True = real token); image [B, N, D]."""
+        """text [B, L, D]; text_mask bool [B, 1, 1, L] (True = real token); image [B, N, encoder_width]."""
         x = self.attention(text, text, text_mask)
         x = self.crossattention(x, image, None)  # every image token is real: no mask
         return self.output(self.intermediate(x), x)
@@ -410,6 +481,9 @@ class RetrievalModel(nn.Module):
 
     # ---- training
 
+    # Under torch.distributed with more than one rank, the losses use every rank's pairs (below).
+    gather_across_ranks: bool = True
+
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 hard_images: torch.Tensor | None = None, hard_input_ids: torch.Tensor | None = None,
                 hard_attention_mask: torch.Tensor | None = None,
@@ -420,6 +494,12 @@ class RetrievalModel(nn.Module):
         caption for image i (PAB's hard_i / hard_c). image_ids (optional) marks rows showing the
         same image, which are then never used as each other's negatives; identical captions are
         detected from their tokens.
+
+        Under torch.distributed (torchrun, W > 1 ranks, each with the same B), features and token
+        states are all-gathered with gradients: each rank's loss covers its own B rows against all
+        W*B pairs as candidates (ITC negatives, as X-VLM/open_clip do, and ITM negatives sampled
+        from the global batch, as BLIP does). With DDP averaging the gradients, W ranks of B pairs
+        then train exactly like one process on the W*B pairs.
         """
         if (hard_input_ids is None) != (hard_attention_mask is None):
             raise ValueError("hard_input_ids and hard_attention_mask go together.")
@@ -427,19 +507,45 @@ class RetrievalModel(nn.Module):
             self.temp.clamp_(*TEMP_RANGE)
         image_embeds, image_feat = self.encode_image(images)
         text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
-        positive = self._positive_pairs(input_ids, attention_mask, image_ids)
+        everyone = self._all_ranks(image_feat, text_feat, input_ids, attention_mask, image_ids)
+        if everyone is None:
+            positive = self._positive_pairs(input_ids, attention_mask, image_ids)
+        else:  # [B, W*B]: this rank's rows against the global batch
+            positive = self._positive_pairs(everyone["input_ids"], everyone["text_mask"],
+                                            everyone["image_ids"])[everyone["rows"]]
 
         hard_img = self.encode_image(hard_images) if hard_images is not None else None
         hard_txt = (*self.encode_text(hard_input_ids, hard_attention_mask), hard_attention_mask) \
             if hard_input_ids is not None else None
 
         loss_itc = self._itc_loss(image_feat, text_feat, positive,
-                                  hard_img[1] if hard_img else None, hard_txt[1] if hard_txt else None)
+                                  hard_img[1] if hard_img else None, hard_txt[1] if hard_txt else None, everyone)
         if not self.has_itm:  # a dual encoder (CLIP): contrastive loss only
             return {"loss": loss_itc, "loss_itc": loss_itc, "loss_itm": torch.zeros_like(loss_itc)}
         loss_itm = self._itm_loss(image_embeds, image_feat, text_embeds, text_feat, attention_mask, positive,
-                                  hard_img[0] if hard_img else None, hard_txt)
+                                  hard_img[0] if hard_img else None, hard_txt, everyone)
         return {"loss": loss_itc + loss_itm, "loss_itc": loss_itc, "loss_itm": loss_itm}
+
+    def _all_ranks(self, image_feat: torch.Tensor, text_feat: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, image_ids: torch.Tensor | None) -> dict[str, Any] | None:
+        """The global batch (every rank's rows, in rank order) under torch.distributed with more
+        than one rank, else None. Token tensors are padded to the longest caption of any rank."""
+        # imported here: the model itself needs no process group
+        from tpas import distributed
+
+        rank, world = distributed.rank_and_world() if self.gather_across_ranks else (0, 1)
+        if world == 1:
+            return None
+        batch = len(image_feat)
+        length, most, minus_fewest = distributed.max_over_ranks(input_ids.shape[1], batch, -batch,
+                                                                device=image_feat.device)
+        if most != -minus_fewest:
+            raise ValueError(f"every rank needs the same batch size to gather negatives; got {-minus_fewest} to {most}.")
+        return {"rows": slice(rank * batch, (rank + 1) * batch), "length": length,
+                "image_feat": distributed.all_gather(image_feat), "text_feat": distributed.all_gather(text_feat),
+                "input_ids": distributed.all_gather(_pad_tokens(input_ids, length)),
+                "text_mask": distributed.all_gather(_pad_tokens(attention_mask, length)),
+                "image_ids": distributed.all_gather(image_ids) if image_ids is not None else None}
 
     @staticmethod
     def _positive_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -452,44 +558,74 @@ class RetrievalModel(nn.Module):
         return positive
 
     def _itc_loss(self, image_feat: torch.Tensor, text_feat: torch.Tensor, positive: torch.Tensor,
-                  hard_image_feat: torch.Tensor | None, hard_text_feat: torch.Tensor | None) -> torch.Tensor:
-        """X-VLM's symmetric contrastive loss; each row's own hard negative is one extra column."""
-        sim = image_feat @ text_feat.t()
-        i2t, t2i = [sim], [sim.t()]
+                  hard_image_feat: torch.Tensor | None, hard_text_feat: torch.Tensor | None,
+                  everyone: dict[str, Any] | None = None) -> torch.Tensor:
+        """X-VLM's symmetric contrastive loss; each row's own hard negative is one extra column.
+        With `everyone` (see forward), this rank's rows are scored against the global batch."""
+        if everyone is None:
+            sim = image_feat @ text_feat.t()
+            i2t, t2i = [sim], [sim.t()]
+        else:
+            i2t, t2i = [image_feat @ everyone["text_feat"].t()], [text_feat @ everyone["image_feat"].t()]
         if hard_text_feat is not None:
             i2t.append((image_feat * hard_text_feat).sum(-1, keepdim=True))
         if hard_image_feat is not None:
             t2i.append((text_feat * hard_image_feat).sum(-1, keepdim=True))
+        # Matching is symmetric (same caption or same image), so `positive` also serves text -> image.
         targets = positive.float() / positive.sum(1, keepdim=True)  # duplicates share the probability mass
 
         def soft_ce(columns: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
             log_prob = F.log_softmax(torch.cat(columns, dim=1) / self.temp, dim=1)
             return -(log_prob[:, :target.shape[1]] * target).sum(1).mean()
 
-        return (soft_ce(i2t, targets) + soft_ce(t2i, targets.t())) / 2
+        return (soft_ce(i2t, targets) + soft_ce(t2i, targets)) / 2
+
+    @staticmethod
+    def _draw(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        """One column per row, in proportion to `weights` [R, N] (zero = never), by inverse CDF from
+        one uniform per row, so a row's draw does not depend on how the batch is split over ranks."""
+        cdf = weights.double().cumsum(1)
+        target = (uniform.double() * cdf[:, -1]).unsqueeze(1)
+        return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=weights.shape[1] - 1)
 
     def _itm_loss(self, image_embeds: torch.Tensor, image_feat: torch.Tensor, text_embeds: torch.Tensor,
                   text_feat: torch.Tensor, text_mask: torch.Tensor, positive: torch.Tensor,
                   hard_image_embeds: torch.Tensor | None,
-                  hard_text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+                  hard_text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                  everyone: dict[str, Any] | None = None) -> torch.Tensor:
         """X-VLM's matching loss: per positive pair one negative image and one negative text,
-        sampled in proportion to softmax(similarity) among non-matching ones, plus PAB's."""
+        sampled in proportion to softmax(similarity) among non-matching ones, plus PAB's.
+        With `everyone` (see forward), negatives come from the global batch (gathered with grad)."""
+        if everyone is None:
+            rows, total = slice(None), len(image_embeds)
+            all_image_embeds, all_text_embeds, all_text_mask = image_embeds, text_embeds, text_mask
+            all_image_feat, all_text_feat = image_feat, text_feat
+        else:
+            from tpas import distributed
+
+            rows, total = everyone["rows"], len(everyone["image_feat"])
+            all_image_embeds = distributed.all_gather(image_embeds)
+            all_text_embeds = distributed.all_gather(_pad_tokens(text_embeds, everyone["length"]))
+            all_text_mask, all_image_feat, all_text_feat = everyone["text_mask"], everyone["image_feat"], everyone["text_feat"]
         with torch.no_grad():
-            sim = image_feat @ text_feat.t() / self.temp
-            weights_i2t = (F.softmax(sim, dim=1) + 1e-5).masked_fill(positive, 0)
-            weights_t2i = (F.softmax(sim.t(), dim=1) + 1e-5).masked_fill(positive.t(), 0)
+            sim_i2t = (image_feat @ all_text_feat.t()).float() / self.temp
+            sim_t2i = (text_feat @ all_image_feat.t()).float() / self.temp
+            weights_i2t = (F.softmax(sim_i2t, dim=1) + 1e-5).masked_fill(positive, 0)
+            weights_t2i = (F.softmax(sim_t2i, dim=1) + 1e-5).masked_fill(positive, 0)
             # a row whose every candidate matches (e.g. B=1) has no negative to sample
             has_neg_text = weights_i2t.sum(1) > 0
             has_neg_image = weights_t2i.sum(1) > 0
-            neg_text = torch.multinomial(weights_i2t[has_neg_text], 1).squeeze(1) if has_neg_text.any() else None
-            neg_image = torch.multinomial(weights_t2i[has_neg_image], 1).squeeze(1) if has_neg_image.any() else None
+            # one uniform per row of the global batch; this rank takes its own rows' draws
+            uniform = torch.rand(2, total, device=image_feat.device)[:, rows]
+            neg_text = self._draw(weights_i2t, uniform[0])[has_neg_text]
+            neg_image = self._draw(weights_t2i, uniform[1])[has_neg_image]
 
         # (image tokens, text tokens, text mask) per group; the positives come first
         groups = [(image_embeds, text_embeds, text_mask)]
-        if neg_image is not None:
-            groups.append((image_embeds[neg_image], text_embeds[has_neg_image], text_mask[has_neg_image]))
-        if neg_text is not None:
-            groups.append((image_embeds[has_neg_text], text_embeds[neg_text], text_mask[neg_text]))
+        if len(neg_image):
+            groups.append((all_image_embeds[neg_image], text_embeds[has_neg_image], text_mask[has_neg_image]))
+        if len(neg_text):
+            groups.append((image_embeds[has_neg_text], all_text_embeds[neg_text], all_text_mask[neg_text]))
         if hard_image_embeds is not None:
             groups.append((hard_image_embeds, text_embeds, text_mask))
         if hard_text is not None:
@@ -536,42 +672,69 @@ class TpasModel(RetrievalModel):
         self.cfg = cfg
         tcfg = text_encoder.config
         hidden = tcfg.hidden_size
-        if cfg.fusion_layers > tcfg.num_hidden_layers:
-            raise TpasError(f"fusion_layers={cfg.fusion_layers} but the text model has only "
-                            f"{tcfg.num_hidden_layers} layers to initialise them from.")
+        if cfg.text_layers is None:
+            if cfg.fusion_layers > tcfg.num_hidden_layers:
+                raise TpasError(f"fusion_layers={cfg.fusion_layers} but the text model has only "
+                                f"{tcfg.num_hidden_layers} layers to initialise them from.")
+            source_layers = list(text_encoder.encoder.layer[-cfg.fusion_layers:])
+        else:
+            # X-VLM's split of one BERT: the first text_layers layers encode the caption, the
+            # following fusion_layers layers become the fusion layers (with cross-attention)
+            if cfg.text_layers + cfg.fusion_layers > tcfg.num_hidden_layers:
+                raise TpasError(f"text_layers={cfg.text_layers} + fusion_layers={cfg.fusion_layers} but the text "
+                                f"model has only {tcfg.num_hidden_layers} layers.")
+            layers = list(text_encoder.encoder.layer)
+            source_layers = layers[cfg.text_layers:cfg.text_layers + cfg.fusion_layers]
+            text_encoder.encoder.layer = nn.ModuleList(layers[:cfg.text_layers])
+            tcfg.num_hidden_layers = cfg.text_layers
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
 
-        channels, grid = self._probe_image_grid(image_encoder, cfg.image_size)
+        direct = cfg.image_tokens == "direct"
+        channels, grid = self._probe_image_grid(image_encoder, cfg.image_size, channels_last=direct)
         self.image_grid = grid
-        self.image_proj = nn.Linear(channels, hidden)
-        self.image_pos_embed = nn.Parameter(torch.zeros(1, 1 + grid[0] * grid[1], hidden))
-        nn.init.trunc_normal_(self.image_pos_embed, std=0.02)
-        # BERT's hidden states are LayerNorm'ed; image tokens get the same scale for cross-attention
-        self.image_norm = nn.LayerNorm(hidden, eps=tcfg.layer_norm_eps)
+        if direct:
+            # X-VLM: the backbone's (final-LayerNorm'ed) tokens as they are; no projection, the
+            # cross-attention key/value and vision_proj read their width
+            self.vision_width = channels
+        else:
+            self.vision_width = hidden
+            self.image_proj = nn.Linear(channels, hidden)
+            self.image_pos_embed = nn.Parameter(torch.zeros(1, 1 + grid[0] * grid[1], hidden))
+            nn.init.trunc_normal_(self.image_pos_embed, std=0.02)
+            # BERT's hidden states are LayerNorm'ed; image tokens get the same scale for cross-attention
+            self.image_norm = nn.LayerNorm(hidden, eps=tcfg.layer_norm_eps)
 
-        self.fusion = nn.ModuleList(FusionLayer(tcfg) for _ in range(cfg.fusion_layers))
-        top_layers = text_encoder.encoder.layer[-cfg.fusion_layers:]
-        for fusion_layer, bert_layer in zip(self.fusion, top_layers):
+        encoder_width = channels if direct else None
+        self.fusion = nn.ModuleList(FusionLayer(tcfg, encoder_width) for _ in range(cfg.fusion_layers))
+        for fusion_layer, bert_layer in zip(self.fusion, source_layers):
             self._init_cross_attention(fusion_layer.crossattention, tcfg.initializer_range)
             result = fusion_layer.load_state_dict(bert_layer.state_dict(), strict=False)
             if result.unexpected_keys or any(not k.startswith("crossattention.") for k in result.missing_keys):
                 raise TpasError(f"text model layers do not fit the fusion layer layout (unexpected "
                                 f"{result.unexpected_keys[:3]}, missing {result.missing_keys[:3]}); use a BERT-like model.")
 
-        self.vision_proj = nn.Linear(hidden, cfg.embed_dim)
+        self.vision_proj = nn.Linear(self.vision_width, cfg.embed_dim)
         self.text_proj = nn.Linear(hidden, cfg.embed_dim)
-        self.itm_head = nn.Linear(hidden, 2)
+        if cfg.itm_head == "mlp":  # X-VLM's build_mlp: keys itm_head.0 / .1 / .3
+            self.itm_head = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.LayerNorm(2 * hidden), nn.GELU(),
+                                          nn.Linear(2 * hidden, 2))
+        else:
+            self.itm_head = nn.Linear(hidden, 2)
         self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
 
     @staticmethod
-    def _probe_image_grid(image_encoder: nn.Module, image_size: tuple[int, int]) -> tuple[int, tuple[int, int]]:
-        """Channels and (h, w) of the final feature map, from one dummy forward (any timm backbone)."""
+    def _probe_image_grid(image_encoder: nn.Module, image_size: tuple[int, int],
+                          channels_last: bool = False) -> tuple[int, tuple[int, int]]:
+        """Channels and (h, w) of the final feature map, from one dummy forward (any timm backbone);
+        channels_last: the backbone gives [B, h, w, C] (a Swin) rather than [B, C, h, w]."""
         was_training = image_encoder.training
         image_encoder.eval()  # must not touch BatchNorm statistics
         with torch.no_grad():
             fmap = image_encoder.forward_features(torch.zeros(1, 3, *image_size))
         image_encoder.train(was_training)
+        if channels_last:
+            return fmap.shape[3], (fmap.shape[1], fmap.shape[2])
         return fmap.shape[1], (fmap.shape[2], fmap.shape[3])
 
     @staticmethod
@@ -585,11 +748,18 @@ class TpasModel(RetrievalModel):
     # ---- encoders
 
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images [B, 3, H, W] -> (image_embeds [B, 1+h*w, D], unit-norm image_feat [B, E])."""
+        """images [B, 3, H, W] -> (image_embeds [B, 1+h*w, vision_width], unit-norm image_feat [B, E])."""
         fmap = self.image_encoder.forward_features(images)
-        if tuple(fmap.shape[2:]) != self.image_grid:
-            raise ValueError(f"images of size {tuple(images.shape[2:])} give a {tuple(fmap.shape[2:])} feature map; "
+        direct = self.cfg.image_tokens == "direct"
+        grid = tuple(fmap.shape[1:3]) if direct else tuple(fmap.shape[2:])
+        if grid != self.image_grid:
+            raise ValueError(f"images of size {tuple(images.shape[2:])} give a {grid} feature map; "
                              f"this model was built for {self.cfg.image_size} ({self.image_grid}).")
+        if direct:
+            tokens = fmap.flatten(1, 2)
+            # X-VLM's image CLS: the average of the Swin's tokens, prepended
+            embeds = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1)
+            return embeds, F.normalize(self.vision_proj(embeds[:, 0]), dim=-1)
         tokens = self.image_proj(fmap.flatten(2).transpose(1, 2))
         # CLS = projected global average pool; the projection is linear, so pool after projecting
         embeds = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1) + self.image_pos_embed
@@ -617,10 +787,12 @@ class TpasModel(RetrievalModel):
         return self.itm_head(fuse(text_embeds, text_mask, image_embeds))
 
     def is_new_parameter(self, name: str) -> bool:
+        if self.cfg.image_tokens == "direct":
+            return name.startswith(DIRECT_NEW_PARAM_PREFIXES)
         return name.startswith(NEW_PARAM_PREFIXES) or (name.startswith("fusion.") and NEW_PARAM_INFIX in name)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute activations in the backward pass (text encoder, CNN stages, fusion layers)."""
+        """Recompute activations in the backward pass (text encoder, CNN / Swin stages, fusion layers)."""
         self.grad_checkpointing = enable
         if enable:
             self.text_encoder.gradient_checkpointing_enable({"use_reentrant": False})
@@ -639,4 +811,9 @@ def build_model(cfg: ModelConfig) -> RetrievalModel:
         tokenizer_vocab = len(build_tokenizer(cfg))
         if vocab < tokenizer_vocab:
             raise TpasError(f"text_config vocab_size {vocab} is smaller than the tokenizer's {tokenizer_vocab}.")
-    return TpasModel(cfg, build_image_encoder(cfg), build_text_encoder(cfg))
+    model = TpasModel(cfg, build_image_encoder(cfg), build_text_encoder(cfg))
+    if cfg.preset in INIT_ONLY_PRESETS:
+        warnings.warn(f"model preset {cfg.preset!r} is built with RANDOM weights: its weights come only from an "
+                      f"image-text checkpoint (train.py --init PATH, e.g. X-VLM's 16m_base_model_state_step_199999.th) "
+                      f"or a trained run's model.safetensors.", RandomWeightsWarning, stacklevel=2)
+    return model
