@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import math
+import sys
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from fakes import _image, _record, write_train
+from safetensors.torch import load_file
+from torchvision import transforms as T
+
 from tpas import model as model_lib
+from tpas import training
 from tpas.errors import TpasError
-from tpas.training import TrainConfig, find_checkpoint, load_run_model, train
+from tpas.training import (
+    ResumableSampler,
+    Runtime,
+    TrainConfig,
+    find_checkpoint,
+    load_run_model,
+    resolve_runtime,
+    train,
+    training_step,
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +43,9 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(root: Path, runs: Path, **kw) -> TrainConfig:
-    base = dict(data_root=root, model="tiny", subset=24, val_size=8, batch_size=8, epochs=2, runs_dir=runs,
-                workers=0, progress=False, save_every=2)
+    # threads=1: on a shared, loaded 2-core machine two OpenMP threads per process are ~8x slower
+    base = {"data_root": root, "model": "tiny", "subset": 24, "val_size": 8, "batch_size": 8, "epochs": 2,
+            "runs_dir": runs, "workers": 0, "progress": False, "save_every": 2, "threads": 1}
     return TrainConfig(**{**base, **kw})
 
 
@@ -54,7 +71,9 @@ def test_same_seed_same_subset_other_seed_differs(data_root: Path, tmp_path: Pat
     train(_cfg(data_root, tmp_path, name="s0", max_steps=1))
     train(_cfg(data_root, tmp_path, name="s0b", max_steps=1))
     train(_cfg(data_root, tmp_path, name="s1", max_steps=1, seed=1))
-    subset = lambda n: json.loads((tmp_path / n / "subset.json").read_text())  # noqa: E731
+    def subset(name: str) -> dict:
+        return json.loads((tmp_path / name / "subset.json").read_text())
+
     assert subset("s0")["train"] == subset("s0b")["train"]
     assert subset("s0")["train"] != subset("s1")["train"]
     assert len(subset("s0")["train"]) == 24 and not set(subset("s0")["train"]) & set(subset("s0")["val"])
@@ -93,3 +112,143 @@ def test_bad_image_fails_or_is_skipped(tmp_path: Path) -> None:
         train(_cfg(root, tmp_path, name="fail", subset=0, val_size=0, max_steps=1))
     summary = train(_cfg(root, tmp_path, name="skip", subset=0, val_size=0, max_steps=1, on_bad_sample="skip"))
     assert summary["skipped"] == 1 and summary["train_pairs"] == 29
+
+
+# ---------------------------------------------------------------- device, precision, loader, flags
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared, loaded 2-core machine it is several times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny(seed: int = 0) -> tuple[model_lib.RetrievalModel, object]:
+    torch.manual_seed(seed)
+    cfg = model_lib.ModelConfig.from_preset("tiny")
+    return model_lib.build_model(cfg), model_lib.build_tokenizer(cfg)
+
+
+def _batch(tokenizer: object, captions: list[str], seed: int) -> dict[str, torch.Tensor]:
+    images = torch.randn(len(captions), 3, 64, 32, generator=torch.Generator().manual_seed(seed))
+    return {"images": images, **model_lib.tokenize(tokenizer, captions, 70)}
+
+
+CAPTIONS = [f"a person {i} in a {c} jacket is {a}" for i, (c, a) in
+            enumerate(zip(["red", "blue", "green", "black"] * 2, ["walking", "lying", "running", "falling"] * 2))]
+
+
+def test_grad_accum_averages_the_micro_batch_gradients() -> None:
+    model, tokenizer = _tiny()
+    model.eval()  # no dropout, BatchNorm on running statistics: the same function in both runs
+    by_hand = copy.deepcopy(model)
+    first, second = _batch(tokenizer, CAPTIONS[:4], 1), _batch(tokenizer, CAPTIONS[4:], 2)
+    torch.manual_seed(5)
+    out = training_step(model, [first, second], torch.optim.SGD(model.parameters(), lr=1.0),
+                        torch.amp.GradScaler("cpu", enabled=False), Runtime())
+    torch.manual_seed(5)  # the same ITM negative draws, in the same order
+    loss_a = by_hand(**first)["loss"]
+    (loss_a / 2).backward()  # one backward per forward: forward clamps temp in place
+    loss_b = by_hand(**second)["loss"]
+    (loss_b / 2).backward()
+    torch.optim.SGD(by_hand.parameters(), lr=1.0).step()
+    assert out["loss"] == pytest.approx(float(loss_a.detach() + loss_b.detach()) / 2, abs=1e-6)
+    after, expected = model.state_dict(), by_hand.state_dict()
+    assert all(torch.allclose(after[k], expected[k], atol=1e-6) for k in after)
+    torch.manual_seed(0)
+    untouched = model_lib.build_model(model_lib.ModelConfig.from_preset("tiny")).state_dict()
+    assert any(not torch.allclose(after[k], untouched[k]) for k in after)
+
+
+def test_device_and_precision_choices() -> None:
+    assert resolve_runtime("cpu", "auto").precision == "fp32"
+    assert resolve_runtime("cpu", "bf16").amp_dtype == torch.bfloat16
+    with pytest.raises(TpasError, match="fp16 needs a GPU"):
+        resolve_runtime("cpu", "fp16")
+    if not torch.cuda.is_available():
+        assert resolve_runtime("auto", "auto").device.type == "cpu"
+        with pytest.raises(TpasError, match="no CUDA GPU"):
+            resolve_runtime("cuda", "auto")
+    # bf16 autocast on the CPU: the same step runs and learns
+    model, tokenizer = _tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    runtime = resolve_runtime("cpu", "bf16")
+    out = training_step(model, [_batch(tokenizer, CAPTIONS, 3)], torch.optim.AdamW(model.parameters(), lr=1e-3),
+                        torch.amp.GradScaler("cpu", enabled=False), runtime)
+    assert math.isfinite(out["loss"]) and out["loss"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_sampler_ranks_split_each_global_batch() -> None:
+    single = [i for _, i in ResumableSampler(50, seed=3, batch_size=8)]
+    ranks = [ResumableSampler(50, seed=3, batch_size=4, rank=r, world_size=2) for r in (0, 1)]
+    parts = [[i for _, i in s] for s in ranks]
+    assert len(single) == 48 and len(parts[0]) == len(parts[1]) == 24
+    for step in range(6):  # rank 0 then rank 1 = the single process's batch, in order
+        assert parts[0][step * 4:(step + 1) * 4] + parts[1][step * 4:(step + 1) * 4] == single[step * 8:(step + 1) * 8]
+    assert not set(parts[0]) & set(parts[1])
+    ranks[1].skip_batches = 2  # a resume mid-epoch continues with the same slice
+    assert [i for _, i in ranks[1]] == parts[1][8:]
+    ranks[1].epoch = 1
+    assert [i for _, i in ranks[1]] != parts[1][8:]
+    accum = ResumableSampler(50, seed=3, batch_size=4, rank=0, world_size=2, grad_accum=4)
+    assert accum.batches_per_epoch() == 4 and len(list(accum)) == 16  # whole optimizer steps of 32 pairs only
+
+
+def test_image_cache_keeps_training_identical(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for mode in ("none", "memory", "disk"):
+        train(_cfg(data_root, tmp_path, name=mode, image_cache=mode, max_steps=2, workers=1 if mode == "disk" else 0))
+    plain = _weights(tmp_path / "none")
+    for mode in ("memory", "disk"):
+        cached = _weights(tmp_path / mode)
+        assert all(torch.equal(plain[k], cached[k]) for k in plain)
+    assert (tmp_path / "disk" / "image_cache.npy").is_file()
+    # a resume maps the saved array instead of decoding again
+    monkeypatch.setattr(training, "load_rgb", lambda path: (_ for _ in ()).throw(AssertionError(f"decoded {path}")))
+    dataset_images = json.loads((tmp_path / "disk" / "image_cache.json").read_text())["images"]
+    cache = training.build_image_cache(dataset_images, data_root, T.Resize((64, 32), interpolation=T.InterpolationMode.BICUBIC),
+                                       "disk", tmp_path / "disk", progress=False)
+    assert isinstance(cache.array, np.memmap) and cache.array.shape == (len(dataset_images), 64, 32, 3)
+
+
+def test_runtime_flags_reach_the_loop(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    compiled, checkpointing = [], []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or module)
+    original = model_lib.TpasModel.set_grad_checkpointing
+    monkeypatch.setattr(model_lib.TpasModel, "set_grad_checkpointing",
+                        lambda self, enable=True: checkpointing.append(enable) or original(self, enable))
+    summary = train(_cfg(data_root, tmp_path, name="flags", epochs=1, batch_size=4, grad_accum=2, compile=True,
+                         grad_checkpointing=True))
+    assert len(compiled) == 1 and checkpointing == [True]
+    # 24 pairs, 4 per micro-batch, 2 micro-batches per optimizer step: 3 steps
+    assert summary["steps"] == 3 and summary["pairs_per_step"] == 8 and summary["precision"] == "fp32"
+    history = json.loads((tmp_path / "flags" / "history.json").read_text())
+    assert math.isfinite(history[0]["loss"])
+    saved = json.loads((tmp_path / "flags" / "config.json").read_text())["train"]
+    assert saved["grad_accum"] == 2 and saved["compile"] and saved["grad_checkpointing"]
+
+
+def test_init_weights_are_loaded_and_a_resume_keeps_the_checkpoint(data_root: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    calls = []
+
+    def load_initial_weights(model: torch.nn.Module, path: Path) -> dict:
+        calls.append(Path(path))
+        with torch.no_grad():
+            model.itm_head.bias.fill_(0.25)
+        return {"summary": "12 tensors loaded, 0 missing"}
+
+    fake = types.ModuleType("tpas.checkpoints")
+    fake.load_initial_weights = load_initial_weights
+    monkeypatch.setitem(sys.modules, "tpas.checkpoints", fake)
+    start = tmp_path / "xvlm.pth"
+    # lr 0: the weights stay what --init loaded
+    train(_cfg(data_root, tmp_path, name="init", init=start, lr=0.0, max_steps=1))
+    assert calls == [start] and "12 tensors loaded" in capsys.readouterr().out
+    assert torch.equal(_weights(tmp_path / "init")["itm_head.bias"], torch.full((2,), 0.25))
+    assert json.loads((tmp_path / "init" / "config.json").read_text())["train"]["init"] == str(start)
+    train(_cfg(data_root, tmp_path, name="init", resume=True))
+    assert calls == [start]  # the checkpoint wins on resume
