@@ -54,11 +54,12 @@ def test_four_scripts_end_to_end(demo: Path, tmp_path: Path) -> None:
     assert json.loads((out / "infer" / "infer_config.json").read_text())["k"] == 16
     assert {"itc", "final"} <= set(json.loads((out / "infer" / "metrics.json").read_text()))
 
-    printed = _run("sca.py", "--input-dir", str(out / "infer"), "--output-dir", str(out / "sca")).stdout
+    printed = _run("sca.py", "--input-dir", str(out / "infer"), "--output-dir", str(out / "sca"),
+                   "--cache-dir", str(out / "cache")).stdout
     assert "R@1" in printed
     changes = pd.read_parquet(out / "sca" / "changes.parquet")
-    assert list(changes.columns) == ["query_index", "old_image", "new_image", "old_score", "new_score", "delta",
-                                     "round", "group"]
+    assert list(changes.columns) == ["method", "query_index", "old_image", "new_image", "old_score", "new_score",
+                                     "delta", "round", "group"]
     assert set(json.loads((out / "sca" / "metrics.json").read_text())) == {"before", "after"}
     assert list(pd.read_parquet(out / "sca" / "candidates.parquet").columns) == CANDIDATE_COLUMNS
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from tpas import fast_itm as fast_itm_lib
 from tpas import model as model_lib
-from tpas.retrieval import rank
+from tpas.errors import TpasError
+from tpas.fast_itm import FastItmScorer
+from tpas.retrieval import IvfGallery, rank, resolve_device, resolve_precision
 
 
 def _tiny():
@@ -27,7 +31,7 @@ def _reference(model, tokenizer, captions, images, k):
     for caption in captions:
         tokens = model_lib.tokenize(tokenizer, [caption], 70)
         text_embeds, text_feat = model.encode_text(tokens["input_ids"], tokens["attention_mask"])
-        itc, index = (text_feat @ image_feat.T)[0].topk(k)
+        index = (text_feat @ image_feat.T)[0].topk(k).indices
         scores = [float(model.itm_score(image_embeds[g:g + 1], text_embeds, tokens["attention_mask"])) for g in index]
         order = np.argsort(-np.array(scores), kind="stable")
         out.append((index.numpy()[order], np.array(scores, dtype=np.float32)[order]))
@@ -60,3 +64,151 @@ def test_itc_only_ranking_is_sorted_similarity() -> None:
     assert np.isnan(ranked["itm"]).all()
     np.testing.assert_array_equal(ranked["index"], np.argsort(-sims, axis=1, kind="stable"))
     np.testing.assert_allclose(ranked["score"], np.sort(sims, axis=1)[:, ::-1], rtol=1e-5)
+
+
+# ---------------------------------------------------------------- fast ITM (tpas.fast_itm)
+
+_MODELS: dict[int, tuple] = {}
+
+
+def _tiny_layers(layers: int):
+    """A tiny model with `layers` fusion layers (text model of 3 layers), built once per test module."""
+    if layers not in _MODELS:
+        torch.manual_seed(layers)
+        text_config = {**model_lib.PRESETS["tiny"]["text_config"], "num_hidden_layers": 3}
+        cfg = model_lib.ModelConfig.from_preset("tiny", text_config=text_config, fusion_layers=layers)
+        _MODELS[layers] = (model_lib.build_model(cfg).eval(), model_lib.build_tokenizer(cfg), cfg)
+    return _MODELS[layers]
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+@pytest.mark.parametrize("cache_bytes", [1 << 30, 0])  # whole-gallery keys/values, or per call
+@torch.inference_mode()
+def test_fast_itm_equals_itm_score_per_pair(layers: int, cache_bytes: int) -> None:
+    model, tokenizer, cfg = _tiny_layers(layers)
+    image_embeds, _ = model.encode_image(torch.randn(7, 3, *cfg.image_size))
+    tokens = model_lib.tokenize(tokenizer, CAPTIONS + ["a", "a woman"], 70)  # ragged: padded batch
+    mask = tokens["attention_mask"]
+    assert mask.sum(1).min() < mask.shape[1]  # some captions really are padded
+    text_embeds, _ = model.encode_text(tokens["input_ids"], mask)
+    candidates = torch.randint(0, 7, (len(mask), 5), generator=torch.Generator().manual_seed(0))
+    # ffn_rows=16 splits the FFN rows into many blocks
+    fast = FastItmScorer(model, image_embeds, cache_bytes=cache_bytes, ffn_rows=16).scores(text_embeds, mask, candidates)
+    pairs = model.itm_score(image_embeds[candidates.reshape(-1)], text_embeds.repeat_interleave(5, 0),
+                            mask.repeat_interleave(5, 0)).reshape(candidates.shape)
+    assert pairs.std() > 0.01  # the scores differ between pairs, so a mix-up would show
+    torch.testing.assert_close(fast, pairs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_fast_ranking_matches_per_query_loop(layers: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, tokenizer, cfg = _tiny_layers(layers)
+    images = torch.randn(12, 3, *cfg.image_size)
+    image_feat, image_embeds, reference = _reference(model, tokenizer, CAPTIONS, images, k=6)
+    generic = rank(model, tokenizer, CAPTIONS, image_feat, image_embeds, k=6, max_tokens=70, itc_weight=0.5,
+                   text_batch=3, itm_batch=12, progress=False, fast_itm=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fast path must not score pairs with model.itm_score")
+
+    monkeypatch.setattr(model, "itm_score", refuse)
+    fast = rank(model, tokenizer, CAPTIONS, image_feat, image_embeds, k=6, max_tokens=70, itc_weight=0.5,
+                text_batch=3, itm_batch=12, progress=False)
+    for q, (index, scores) in enumerate(reference):
+        # by ITM alone: the reference's order; with ITC added: the generic path's
+        by_itm = fast["index"][q][np.argsort(-fast["itm"][q], kind="stable")]
+        assert by_itm.tolist() == index.tolist()
+        np.testing.assert_allclose(np.sort(fast["itm"][q])[::-1], scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(fast["index"], generic["index"])
+    np.testing.assert_allclose(fast["score"], generic["score"], rtol=1e-5, atol=1e-5)
+
+
+class _Wrapped(model_lib.RetrievalModel):
+    """Another model family: not a TpasModel, so rank() must fall back to its itm_score."""
+
+    def __init__(self, inner: model_lib.TpasModel):
+        super().__init__()
+        self.inner, self.temp, self.calls = inner, inner.temp, 0
+
+    def encode_text(self, input_ids, attention_mask):
+        return self.inner.encode_text(input_ids, attention_mask)
+
+    def itm_logits(self, image_state, text_state, text_mask):
+        self.calls += 1
+        return self.inner.itm_logits(image_state, text_state, text_mask)
+
+
+def test_other_model_families_fall_back_to_itm_score() -> None:
+    model, tokenizer, cfg = _tiny_layers(2)
+    wrapped = _Wrapped(model).eval()
+    assert not fast_itm_lib.supports(wrapped) and fast_itm_lib.supports(model)
+    with torch.inference_mode():
+        image_embeds, image_feat = model.encode_image(torch.randn(10, 3, *cfg.image_size))
+    ours = rank(model, tokenizer, CAPTIONS, image_feat, image_embeds, k=4, max_tokens=70, progress=False)
+    theirs = rank(wrapped, tokenizer, CAPTIONS, image_feat, image_embeds, k=4, max_tokens=70, itm_batch=8,
+                  progress=False)
+    assert wrapped.calls == 3  # 5 queries, 2 per ITM batch
+    np.testing.assert_array_equal(ours["index"], theirs["index"])
+    np.testing.assert_allclose(ours["itm"], theirs["itm"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_runs_the_fast_path_under_autocast(precision: str) -> None:
+    """CPU autocast stands in for CUDA's here: the fast path's dtypes must mix without error."""
+    model, tokenizer, cfg = _tiny_layers(2)
+    with torch.inference_mode():
+        image_embeds, image_feat = model.encode_image(torch.randn(10, 3, *cfg.image_size))
+    # k = the whole gallery: the same candidates whatever the precision of the ITC stage
+    full = rank(model, tokenizer, CAPTIONS, image_feat, image_embeds, k=10, max_tokens=70, progress=False)
+    half = rank(model, tokenizer, CAPTIONS, image_feat, image_embeds, k=10, max_tokens=70, progress=False,
+                precision=precision)
+    generic = rank(model, tokenizer, CAPTIONS, image_feat, image_embeds, k=10, max_tokens=70, progress=False,
+                   precision=precision, fast_itm=False)
+    assert np.isfinite(half["itm"]).all()
+
+    def order(r: dict) -> np.ndarray:  # ITM scores in gallery-index order
+        return np.take_along_axis(r["itm"], np.argsort(r["index"], axis=1), axis=1)
+
+    spread = float(np.ptp(full["itm"]))
+    assert np.abs(order(half) - order(full)).max() < 0.05 * spread + 0.05
+    assert np.abs(order(half) - order(generic)).max() < 0.05 * spread + 0.05
+
+
+def test_device_and_precision_resolution() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    with pytest.raises(TpasError, match="fp16 needs --device cuda"):
+        resolve_precision("fp16", cpu)
+    assert resolve_device("cpu") == cpu
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(TpasError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+def test_ivf_gallery_finds_k_real_candidates_and_is_exact_with_every_list() -> None:
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.nn.functional.normalize(torch.randn(800, 16, generator=gen), dim=-1)
+    queries = torch.nn.functional.normalize(torch.randn(20, 16, generator=gen), dim=-1)
+    exact_sims, exact = (queries @ feats.T).topk(300, dim=1)
+    ivf = IvfGallery(feats, nprobe=1)
+    assert ivf.nlist == 20  # 800 // 39
+    sims, index = ivf.search(queries, 300)  # one list holds ~40 images: it must widen the search
+    assert (index >= 0).all() and all(len(set(row.tolist())) == 300 for row in index)
+    np.testing.assert_allclose(sims.numpy(), (queries[:, None] * feats[index]).sum(-1).numpy(), atol=1e-5)
+    ivf.nprobe = ivf.nlist
+    sims, index = ivf.search(queries, 300)
+    assert (index == exact).float().mean() > 0.99  # only float ties may swap
+    np.testing.assert_allclose(sims.numpy(), exact_sims.numpy(), atol=1e-5)
+
+
+def test_rank_with_faiss_ivf_matches_exact_on_a_small_gallery() -> None:
+    model, tokenizer, cfg = _tiny_layers(1)
+    with torch.inference_mode():
+        image_embeds, image_feat = model.encode_image(torch.randn(12, 3, *cfg.image_size))
+    exact = rank(model, tokenizer, CAPTIONS, image_feat, image_embeds, k=5, max_tokens=70, progress=False)
+    approx = rank(model, tokenizer, CAPTIONS, image_feat, image_embeds, k=5, max_tokens=70, progress=False,
+                  gallery_index="faiss-ivf")  # 12 images: a single list, so the search is exhaustive
+    np.testing.assert_array_equal(approx["index"], exact["index"])
+    np.testing.assert_allclose(approx["score"], exact["score"], rtol=1e-5, atol=1e-5)

@@ -6,7 +6,15 @@ import pytest
 
 from tpas.errors import TpasError
 from tpas.metrics import ranking_metrics
-from tpas.sca import SCAConfig, apply_sca, load_sentence_encoder, query_groups, top1_conflicts
+from tpas.postprocess import to_lists
+from tpas.sca import (
+    SCAConfig,
+    apply_sca,
+    load_sentence_encoder,
+    query_groups,
+    top1_conflicts,
+    top1_conflicts_arrays,
+)
 from tpas.schema import CANDIDATE_COLUMNS, candidates_frame
 
 RED = "a man in a red jacket lying on the ground"
@@ -221,3 +229,16 @@ def test_config_rejects_bad_values():
         SCAConfig(combine="xor")
     with pytest.raises(TpasError, match="--cos-threshold"):
         SCAConfig(cos_threshold=1.5)
+
+
+def test_array_conflict_count_matches_frame_version_and_config_checks_new_flags():
+    rng = np.random.default_rng(5)
+    order = [f"q{i}" for i in range(60)]
+    cands = make({q: [(f"img{g}", 1.0 - 0.1 * r) for r, g in enumerate(rng.choice(6, 3, replace=False))] for q in order})
+    groups = rng.integers(0, 8, size=60)
+    lists = to_lists(cands, order)
+    assert top1_conflicts_arrays(lists.img, groups) == top1_conflicts(cands, groups, order) > 0
+    with pytest.raises(TpasError, match="--grouping"):
+        SCAConfig(grouping="kmeans")
+    with pytest.raises(TpasError, match="--knn"):
+        SCAConfig(knn="annoy")

@@ -77,7 +77,8 @@ class TrainConfig:
     lr: float = field(1e-4, "AdamW learning rate for pretrained parameters (paper: 3e-5 for a pre-trained X-VLM).")
     new_lr_mult: float = field(5.0, "Learning-rate multiplier for newly initialised parameters (paper: 2).")
     weight_decay: float = field(0.01, "AdamW weight decay (not on biases and norms).")
-    model: str = field("lite", "Model preset: lite = EfficientNet-Lite0 + MiniLM-L6 (packaged weights); tiny = random, for smoke tests.", choices=list(model_lib.PRESETS))
+    model: str = field("lite", "Model preset: lite = EfficientNet-Lite0 + MiniLM-L6 (packaged weights); tiny / xvlm-tiny = random, for smoke tests; xvlm-base = Swin-B + BERT-base (weights via --init X-VLM checkpoint); blip-itm / clip = transformers models (--hf-model). See README, Presets.", choices=list(model_lib.PRESETS))
+    hf_model: str | None = field(None, "blip-itm / clip presets: a local transformers model dir (or a hub name when online) to start from; default: the preset's hub name.")
     max_tokens: int = field(70, "Maximum caption length in tokens.")
     image_height: int | None = field(None, "Input image height (default: the preset's, 128 for lite).")
     image_width: int | None = field(None, "Input image width (default: the preset's, 64 for lite).")
@@ -129,6 +130,10 @@ def model_config_for(cfg: TrainConfig) -> model_lib.ModelConfig:
         overrides["fusion_layers"] = cfg.fusion_layers
     if cfg.embed_dim is not None:
         overrides["embed_dim"] = cfg.embed_dim
+    if cfg.hf_model is not None:
+        if base.family == "tpas":
+            raise TpasError(f"--hf-model is for the blip-itm and clip presets; --model {cfg.model} does not read it.")
+        overrides["hf_model"] = cfg.hf_model
     return model_lib.ModelConfig.from_preset(cfg.model, **overrides)
 
 
