@@ -50,7 +50,8 @@ def write_bytes(target: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def _default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """json.dumps `default`: dataclasses → dicts, Paths → str, numpy/torch values → lists."""
     if dataclasses.is_dataclass(obj):
         return dataclasses.asdict(obj)
     if isinstance(obj, Path):
@@ -61,7 +62,7 @@ def _default(obj: Any) -> Any:
 
 
 def write_json(target: str | Path, obj: Any) -> None:
-    write_text(target, json.dumps(obj, indent=2, default=_default, sort_keys=False) + "\n")
+    write_text(target, json.dumps(obj, indent=2, default=json_default, sort_keys=False) + "\n")
 
 
 def read_json(path: str | Path) -> Any:

@@ -48,7 +48,7 @@ from tpas.cli import config_command, field
 from tpas.data import ensure_data
 from tpas.demo import COMPLETE_MARKER, build_demo, demo_is_complete
 from tpas.errors import TpasError
-from tpas.io import read_json, write_json, write_parquet, write_text
+from tpas.io import json_default, read_json, write_json, write_parquet, write_text
 from tpas.metrics import ranking_metrics
 from tpas.retrieval import InferConfig, infer
 from tpas.schema import ground_truth, read_candidates, read_queries
@@ -95,16 +95,8 @@ class ResultsConfig:
 # ---------------------------------------------------------------- stage cache
 
 def _plain(obj: Any) -> Any:
-    """JSON-normal form: dataclasses → dicts, Paths → str, tuples → lists."""
-    def default(value: Any) -> Any:
-        if dataclasses.is_dataclass(value):
-            return dataclasses.asdict(value)
-        if isinstance(value, Path):
-            return str(value)
-        if hasattr(value, "tolist"):
-            return value.tolist()
-        raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-    return json.loads(json.dumps(obj, default=default))
+    """JSON-normal form (as write_json would store it): dataclasses → dicts, Paths → str, tuples → lists."""
+    return json.loads(json.dumps(obj, default=json_default))
 
 
 def config_key(config: Any) -> dict:
