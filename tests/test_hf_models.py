@@ -216,6 +216,25 @@ def test_missing_checkpoint_weights_are_new(tmp_path):
     assert {"new", "new_no_decay", "pretrained"} <= names
 
 
+def test_zero_shot_reranks_only_with_a_pretrained_itm_head(tmp_path):
+    model, cfg = _build("blip")
+    folder = _save_hf_dir(model, cfg, tmp_path / "hf")
+    zero_shot = retrieval.InferConfig(zero_shot=True, model="blip-itm", hf_model=str(folder))
+    loaded, loaded_cfg, _ = retrieval._load_model(zero_shot)  # --hf-model reaches the preset
+    assert loaded_cfg.hf_model == str(folder) and loaded.itm_pretrained
+    assert retrieval.uses_itm(zero_shot, loaded, loaded_cfg)
+    assert not retrieval.uses_itm(dataclasses.replace(zero_shot, itm=False), loaded, loaded_cfg)
+    assert not model.itm_pretrained and not retrieval.uses_itm(zero_shot, model, cfg)  # random weights
+    assert retrieval.uses_itm(dataclasses.replace(zero_shot, zero_shot=False), model, cfg)  # a trained run's head
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if not k.startswith("itm_head.")}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    headless = M.build_model(_config("blip", hf_model=str(folder), hf_config=None))
+    assert not headless.itm_pretrained and not retrieval.uses_itm(zero_shot, headless, cfg)
+    clip, clip_cfg = _build("clip")
+    assert not retrieval.uses_itm(dataclasses.replace(zero_shot, zero_shot=False), clip, clip_cfg)
+
+
 def test_wrong_checkpoint_type_is_a_clear_error(tmp_path):
     model, cfg = _build("clip")
     folder = _save_hf_dir(model, cfg, tmp_path / "clip")

@@ -122,6 +122,9 @@ class _HfRetrievalModel(model_lib.RetrievalModel):
         self.cfg = cfg
         self.model = model
         self._new_names = frozenset(new_names)
+        # zero-shot ITM only from a checkpoint that held the head (a captioning one starts it random)
+        pretrained = bool(cfg.hf_model) and (cfg.image_pretrained or cfg.text_pretrained)
+        self.itm_pretrained = self.has_itm and pretrained and not any("itm_head" in n for n in new_names)
         native = model.config.vision_config.image_size
         native = tuple(native) if isinstance(native, (list, tuple)) else (native, native)
         # other input sizes (e.g. tall pedestrian crops) interpolate the position embeddings

@@ -451,6 +451,7 @@ class RetrievalModel(nn.Module):
     cfg: ModelConfig
     temp: nn.Parameter
     has_itm: bool = True          # False: a dual encoder; retrieval ranks by ITC alone
+    itm_pretrained: bool = False  # the ITM head came trained with the checkpoint: zero-shot re-ranks with it
     grad_checkpointing: bool = False
 
     # ---- what each model provides
@@ -795,9 +796,9 @@ class TpasModel(RetrievalModel):
         """Recompute activations in the backward pass (text encoder, CNN / Swin stages, fusion layers)."""
         self.grad_checkpointing = enable
         if enable:
-            self.text_encoder.gradient_checkpointing_enable({"use_reentrant": False})
+            self.text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
-            self.text_encoder.gradient_checkpointing_disable()
+            self.text_encoder.activation_checkpointing_disable()
         if hasattr(self.image_encoder, "set_grad_checkpointing"):
             self.image_encoder.set_grad_checkpointing(enable)
 

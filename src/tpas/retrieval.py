@@ -45,6 +45,8 @@ class InferConfig:
     run: Path = field(Path("runs/demo"), "Trained run directory (config.json + model.safetensors).")
     zero_shot: bool = field(False, "Use the pretrained-only model instead of --run (backbones pretrained; ITC/ITM heads untrained).")
     model: str = field("lite", "Model preset for --zero-shot (a trained run uses its own).", choices=list(model_lib.PRESETS))
+    hf_model: str | None = field(None, "--zero-shot with blip-itm / clip: a local transformers model dir "
+                                       "(default: the preset's hub name, which loads only from the HF cache or online).")
     output_dir: Path = field(Path("outputs/infer"), "Where the candidates and metrics are written.")
     k: int = field(128, "Candidates per query kept from ITC and re-ranked by ITM.")
     itm: bool = field(True, "Re-rank the top-k with the ITM head (off: rank by ITC alone).")
@@ -252,7 +254,8 @@ def rank(model: model_lib.RetrievalModel, tokenizer: Any, captions: list[str], i
 def _load_model(cfg: InferConfig) -> tuple[model_lib.RetrievalModel, model_lib.ModelConfig, str]:
     if cfg.zero_shot:
         torch.manual_seed(cfg.seed)
-        model_cfg = model_lib.ModelConfig.from_preset(cfg.model)
+        overrides = {"hf_model": cfg.hf_model} if cfg.hf_model else {}
+        model_cfg = model_lib.ModelConfig.from_preset(cfg.model, **overrides)
         return model_lib.build_model(model_cfg).eval(), model_cfg, f"zero-shot:{cfg.seed}:{dataclasses.asdict(model_cfg)}"
     run = Path(cfg.run)
     if not (run / "config.json").is_file():
@@ -274,6 +277,20 @@ def to_frames(test: TestSet, ranked: dict[str, np.ndarray]) -> tuple[pd.DataFram
     return candidates, queries
 
 
+def uses_itm(cfg: InferConfig, model: model_lib.RetrievalModel, model_cfg: model_lib.ModelConfig) -> bool:
+    """Re-rank with ITM? Asked for, the model has an ITM head, and that head is trained: a run's,
+    or for --zero-shot one that came pretrained with the checkpoint (BLIP's ITM)."""
+    if not cfg.itm:
+        return False
+    if not model.has_itm:
+        print(f"{model_cfg.preset}: a dual encoder with no ITM head, so ranking is by ITC alone")
+        return False
+    if cfg.zero_shot and not model.itm_pretrained:
+        print("zero-shot: the ITM head of this preset is untrained, so ranking is by ITC alone")
+        return False
+    return True
+
+
 def infer(cfg: InferConfig) -> dict:
     """Rank the gallery for every query and write the stage directory; returns a summary."""
     if cfg.threads:
@@ -289,12 +306,7 @@ def infer(cfg: InferConfig) -> dict:
     model.to(device)
     tokenizer = model_lib.build_tokenizer(model_cfg)
     transform = model_lib.image_transform(model_cfg, train=False)
-    use_itm = cfg.itm and not cfg.zero_shot
-    if cfg.itm and cfg.zero_shot:
-        print("zero-shot: the ITM head of this preset is untrained, so ranking is by ITC alone")
-    if use_itm and not model.has_itm:
-        use_itm = False
-        print(f"{model_cfg.preset}: a dual encoder with no ITM head, so ranking is by ITC alone")
+    use_itm = uses_itm(cfg, model, model_cfg)
     image_feat, image_embeds, from_cache = cached_gallery(model, test.gallery["path"].tolist(), transform, cfg, model_key,
                                                           device, precision)
     image_feat, image_embeds = image_feat.to(device), image_embeds.to(device)
