@@ -181,6 +181,15 @@ def test_device_and_precision_choices() -> None:
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_auto_workers_follow_the_device_and_cores() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert training.auto_workers(-1, cpu, cpus=2) == 0  # a worker would take a core from the model
+    assert training.auto_workers(-1, cpu, cpus=16) == 1
+    assert training.auto_workers(-1, cuda, cpus=16) == 8
+    assert training.auto_workers(-1, cuda, cpus=2) == 1
+    assert training.auto_workers(3, cpu, cpus=2) == 3  # an explicit count is kept
+
+
 def test_sampler_ranks_split_each_global_batch() -> None:
     single = [i for _, i in ResumableSampler(50, seed=3, batch_size=8)]
     ranks = [ResumableSampler(50, seed=3, batch_size=4, rank=r, world_size=2) for r in (0, 1)]
