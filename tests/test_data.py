@@ -6,11 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-
-from tpas.data import (check_images, load_test_set, load_train_annotations, split_train_val)
-from tpas.errors import TpasError
-
 from fakes import _image, _record, write_train
+
+from tpas.data import (
+    check_images,
+    load_test_set,
+    load_train_annotations,
+    split_train_val,
+)
+from tpas.errors import TpasError
 
 
 @pytest.fixture
@@ -78,9 +82,9 @@ def test_split_is_seeded_stratified_and_disjoint_by_video(pab: Path) -> None:
     assert val["image_id"].tolist() == val_again["image_id"].tolist()
     assert train["image_id"].tolist() != other["image_id"].tolist()
     assert len(train) == 10 and train["abnormal"].sum() == 5  # stratified: half abnormal like the data
-    videos = lambda f: {s.rsplit("_", 1)[0] for s in f["source_id"]}  # noqa: E731
+    videos = lambda f: {s.rsplit("_", 1)[0] for s in f["source_id"]}
     assert not videos(train) & videos(val)
-    bigger, val_big = split_train_val(frame, subset=20, val_size=10, seed=3)
+    _, val_big = split_train_val(frame, subset=20, val_size=10, seed=3)
     assert val_big["image_id"].tolist() == val["image_id"].tolist()  # validation independent of subset size
 
 
@@ -115,6 +119,7 @@ def test_challenge_folder_follows_query_index_order(tmp_path: Path) -> None:
 
 def test_atomic_write_leaves_no_temp_file_and_normal_mode(tmp_path: Path) -> None:
     import os
+
     from tpas.io import write_text
 
     target = tmp_path / "out" / "file.txt"

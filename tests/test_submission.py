@@ -11,8 +11,20 @@ import pytest
 from tpas.errors import TpasError
 from tpas.io import write_parquet
 from tpas.sca import SCAStageConfig, run_sca_stage
-from tpas.schema import CANDIDATE_COLUMNS, QUERY_COLUMNS, candidates_frame, queries_frame
-from tpas.submission import SubmitConfig, check_answer, read_answer, run_submit_stage, write_answer, zip_answer
+from tpas.schema import (
+    CANDIDATE_COLUMNS,
+    QUERY_COLUMNS,
+    candidates_frame,
+    queries_frame,
+)
+from tpas.submission import (
+    SubmitConfig,
+    check_answer,
+    read_answer,
+    run_submit_stage,
+    write_answer,
+    zip_answer,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FORMAT = Path(__file__).parent / "data" / "pab-format"  # the real challenge files
@@ -132,7 +144,7 @@ def test_write_answer_refuses_short_or_missing_queries(tmp_path):
 
 
 def run_submit(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "submit.py"), *args], cwd=REPO, capture_output=True, text=True)
+    return subprocess.run([sys.executable, str(REPO / "submit.py"), *args], cwd=REPO, capture_output=True, text=True, check=False)
 
 
 def test_submit_check_cli_exit_codes(tmp_path):

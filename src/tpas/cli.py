@@ -11,8 +11,9 @@ import dataclasses
 import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -46,7 +47,7 @@ def _option_for(f: dataclasses.Field, tp: Any) -> Callable:
     help_text = meta.pop("help", "")
     choices = meta.pop("choices", None)
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-    base, optional = _strip_optional(tp)
+    base, _ = _strip_optional(tp)
     origin = typing.get_origin(base)
     if base is bool:
         return click.option(f"{_flag(f.name)}/--no-{f.name.replace('_', '-')}", default=default, show_default=True, help=help_text)

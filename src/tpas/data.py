@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -149,7 +149,7 @@ def check_image(path: Path) -> str | None:
     try:
         with Image.open(path) as image:
             image.load()  # decodes fully, so truncated files fail here and not mid-epoch
-    except Exception as exc:  # PIL raises many types for corrupt data
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt data
         return f"image is unreadable ({type(exc).__name__}: {exc})"
     return None
 

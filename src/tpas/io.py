@@ -11,8 +11,9 @@ import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
 
@@ -40,9 +41,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
 
 
 def write_text(target: str | Path, text: str, newline: str | None = None) -> None:
-    with atomic_path(target) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline=newline) as fh:
-            fh.write(text)
+    with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8", newline=newline) as fh:
+        fh.write(text)
 
 
 def write_bytes(target: str | Path, data: bytes) -> None:
@@ -91,7 +91,7 @@ def read_parquet(path: str | Path, required: list[str] | None = None, hint: str 
         raise TpasError(f"{path}: file not found; {hint or 'run the stage that writes it first'}.")
     try:
         frame = pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises several types for corrupt files
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for corrupt files
         raise TpasError(f"{path}: not a readable parquet file ({exc}); regenerate it.") from None
     missing = [c for c in (required or []) if c not in frame.columns]
     if missing:

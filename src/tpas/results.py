@@ -360,6 +360,15 @@ def _apply(post: Any, candidates: pd.DataFrame, queries: pd.DataFrame, method: s
     return new
 
 
+def _labelled_stage(folder: Path, embed: CaptionEmbedder, need: str) -> tuple[pd.DataFrame, pd.DataFrame, dict, np.ndarray]:
+    """A stage dir's candidates, queries, ground truth (required: `need` says why) and caption embeddings."""
+    candidates, queries = read_candidates(folder), read_queries(folder)
+    gt = ground_truth(queries)
+    if gt is None:
+        raise TpasError(f"{folder / 'queries.parquet'}: no ground truth; {need}.")
+    return candidates, queries, gt, embed(folder, queries["caption"].astype(str).tolist())
+
+
 def _stage_tune(cfg: ResultsConfig, stages: Stages, name: str, val_stage: str, val_key: dict,
                 embed: CaptionEmbedder) -> dict:
     """Tune every method on a validation stage; tuned.json holds the parameters and the validation
@@ -370,11 +379,7 @@ def _stage_tune(cfg: ResultsConfig, stages: Stages, name: str, val_stage: str, v
 
     def run() -> None:
         post = _postprocess()
-        candidates, queries = read_candidates(val_dir), read_queries(val_dir)
-        gt = ground_truth(queries)
-        if gt is None:
-            raise TpasError(f"{val_dir / 'queries.parquet'}: no ground truth; the validation set needs query_gt.json.")
-        emb = embed(val_dir, queries["caption"].astype(str).tolist())
+        candidates, queries, gt, emb = _labelled_stage(val_dir, embed, "the validation set needs query_gt.json")
         params, validation, reports = {}, {}, {}
         for method in cfg.methods:
             best, report = post.tune(candidates, queries, _methods(method), post.PostprocessConfig(),
@@ -400,11 +405,7 @@ def _stage_post(cfg: ResultsConfig, stages: Stages, source: str, test_stage: str
 
     def run() -> None:
         post = _postprocess()
-        candidates, queries = read_candidates(test_dir), read_queries(test_dir)
-        gt = ground_truth(queries)
-        if gt is None:
-            raise TpasError(f"{test_dir / 'queries.parquet'}: no ground truth; Table 4 needs a test set with query_gt.json.")
-        emb = embed(test_dir, queries["caption"].astype(str).tolist())
+        candidates, queries, gt, emb = _labelled_stage(test_dir, embed, "Table 4 needs a test set with query_gt.json")
         tuned = read_json(cfg.output_dir / tune_stage / "tuned.json")["params"] if tune_stage else {}
         rows = [{"method": "none", "variant": "-", "params": None, **ranking_metrics(candidates, gt),
                  "top1_changed": 0, "fixed": 0, "broken": 0, "p_value": None, "seconds": 0.0}]

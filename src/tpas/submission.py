@@ -4,6 +4,7 @@ answer.txt has one line per query, in query_index.txt order; each line holds exa
 gallery names (no ".jpg"), separated by single spaces, best first, no repeats. The official
 sample uses CRLF line endings, so we write CRLF; the checker accepts LF too, but not a mix.
 """
+# ruff: noqa: RUF009  (tpas.cli.field() defaults carry the --help text, as in every config)
 
 from __future__ import annotations
 
@@ -21,7 +22,13 @@ from tpas.cli import field
 from tpas.errors import TpasError
 from tpas.io import atomic_path, write_json, write_text
 from tpas.metrics import format_metrics, ranking_metrics
-from tpas.schema import CANDIDATES_FILE, candidates_frame, ground_truth, read_candidates, read_queries
+from tpas.schema import (
+    CANDIDATES_FILE,
+    candidates_frame,
+    ground_truth,
+    read_candidates,
+    read_queries,
+)
 
 ANSWER_FILE = "answer.txt"
 CHALLENGE_NAME = re.compile(r"[A-Z0-9]{15}")
