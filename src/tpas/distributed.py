@@ -13,7 +13,7 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as funcol
 
 from tpas.errors import TpasError
 
@@ -59,9 +59,10 @@ def max_over_ranks(*values: int, device: torch.device | str = "cpu") -> list[int
 
 def all_gather(t: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's `t` along dim 0 (rank order). Gradients flow back to each rank's
-    own rows (torch.distributed.nn sums them over ranks) when `t` requires grad."""
+    own rows (summed over ranks) when `t` requires grad: torch's functional all_gather_single,
+    which replaced the deprecated torch.distributed.nn.functional.all_gather."""
     if t.requires_grad:
-        return torch.cat(dist_fn.all_gather(t), dim=0)
+        return funcol.wait_tensor(funcol.all_gather_single(t.contiguous(), 0, dist.group.WORLD))
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts, dim=0)
