@@ -181,8 +181,11 @@ def test_device_and_precision_choices() -> None:
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_auto_workers_follow_the_device_and_cores() -> None:
+def test_auto_workers_follow_the_device_and_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(training.os, "cpu_count", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 ranks share the 16 cores
+    assert training.auto_workers(-1, cuda) == 3
     assert training.auto_workers(-1, cpu, cpus=2) == 0  # a worker would take a core from the model
     assert training.auto_workers(-1, cpu, cpus=16) == 1
     assert training.auto_workers(-1, cuda, cpus=16) == 8
