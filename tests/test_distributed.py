@@ -22,6 +22,7 @@ from fakes import _record, write_train
 from torch.nn.parallel import DistributedDataParallel
 
 from tpas import model as model_lib
+from tpas.text import TextPipeline
 from tpas.training import Runtime, TrainConfig, resolve_runtime, train, training_step
 
 WORLD = 2
@@ -44,7 +45,7 @@ def _tiny() -> tuple[model_lib.RetrievalModel, object]:
 def _batch(tokenizer: object, rows: slice) -> dict[str, torch.Tensor]:
     """Rows of the global batch, tokenized on their own (as each rank's loader does)."""
     images = torch.randn(len(CAPTIONS), 3, 64, 32, generator=torch.Generator().manual_seed(1))
-    return {"images": images[rows], **model_lib.tokenize(tokenizer, CAPTIONS[rows], 70)}
+    return {"images": images[rows], **TextPipeline(tokenizer, max_tokens=70)(CAPTIONS[rows])}
 
 
 def one_step(net: torch.nn.Module, model: model_lib.RetrievalModel, batch: dict, runtime: Runtime) -> dict[str, float]:

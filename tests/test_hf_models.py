@@ -17,6 +17,7 @@ from tpas import model as M
 from tpas import retrieval, training
 from tpas.errors import TpasError
 from tpas.io import write_json
+from tpas.text import TextPipeline
 
 FAMILIES = {"blip": ("blip-itm", H.TINY_BLIP_CONFIG), "clip": ("clip", H.TINY_CLIP_CONFIG)}
 CAPTIONS = ["a man in a red jacket lying on the pavement",
@@ -40,7 +41,7 @@ def _build(family: str, seed: int = 0, **overrides) -> tuple[M.RetrievalModel, M
 
 def _inputs(cfg: M.ModelConfig, n: int = 4, seed: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     images = torch.randn(n, 3, *cfg.image_size, generator=torch.Generator().manual_seed(seed))
-    return images, M.tokenize(M.build_tokenizer(cfg), CAPTIONS[:n], cfg.max_tokens)
+    return images, TextPipeline(M.build_tokenizer(cfg), max_tokens=cfg.max_tokens)(CAPTIONS[:n])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -157,7 +158,7 @@ def test_rank_end_to_end(family):
     with torch.no_grad():
         image_state, image_feat = model.encode_image(images)
     use_itm = model.has_itm
-    ranked = retrieval.rank(model, tokenizer, CAPTIONS, image_feat, image_state, k=3, max_tokens=cfg.max_tokens,
+    ranked = retrieval.rank(model, TextPipeline(tokenizer, max_tokens=cfg.max_tokens), CAPTIONS, image_feat, image_state, k=3,
                             use_itm=use_itm, itc_weight=2.0, text_batch=2, itm_batch=4, progress=False)
     assert ranked["index"].shape == (4, 3)
     assert all(len(set(row)) == 3 for row in ranked["index"])
@@ -165,7 +166,7 @@ def test_rank_end_to_end(family):
         assert np.isfinite(ranked["itm"]).all()
         np.testing.assert_allclose(ranked["score"], ranked["itm"] + 2.0 * ranked["itc"], rtol=1e-5, atol=1e-5)
         # the ITM column is the model's score for that (caption, image) pair
-        tokens = M.tokenize(tokenizer, CAPTIONS[:1], cfg.max_tokens)
+        tokens = TextPipeline(tokenizer, max_tokens=cfg.max_tokens)(CAPTIONS[:1])
         with torch.no_grad():
             direct = model.itm_score(image_state[ranked["index"][0]], tokens["input_ids"].repeat(3, 1),
                                      tokens["attention_mask"].repeat(3, 1))
@@ -173,7 +174,7 @@ def test_rank_end_to_end(family):
     else:
         assert np.isnan(ranked["itm"]).all()
         assert (np.diff(ranked["itc"], axis=1) <= 0).all()
-    text_feat = model.encode_text(**M.tokenize(tokenizer, CAPTIONS, cfg.max_tokens))[1].detach()
+    text_feat = model.encode_text(**TextPipeline(tokenizer, max_tokens=cfg.max_tokens)(CAPTIONS))[1].detach()
     np.testing.assert_allclose(ranked["itc"], np.take_along_axis((text_feat @ image_feat.T).numpy(),
                                                                  ranked["index"], axis=1), rtol=1e-5, atol=1e-6)
 

@@ -16,6 +16,7 @@ from torchvision import transforms as T
 
 from tpas import model as M
 from tpas.errors import TpasError
+from tpas.text import TextPipeline
 
 # ImageNet classes of palace/temple-like buildings. The mapped model's top-5 for china.jpg (a
 # Chinese temple) is [698 palace, 442 bell cote, 663 monastery, 975 lakeside, 449 boathouse].
@@ -124,8 +125,8 @@ def _tiny(cfg: M.ModelConfig, seed: int = 0) -> M.TpasModel:
 
 def _batch(cfg, tokenizer, seed: int = 1) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    tokens = M.tokenize(tokenizer, CAPTIONS, cfg.max_tokens)
-    hard = M.tokenize(tokenizer, HARD_CAPTIONS, cfg.max_tokens)
+    tokens = TextPipeline(tokenizer, max_tokens=cfg.max_tokens)(CAPTIONS)
+    hard = TextPipeline(tokenizer, max_tokens=cfg.max_tokens)(HARD_CAPTIONS)
     return {"images": torch.randn(4, 3, *cfg.image_size, generator=gen), **tokens,
             "hard_images": torch.randn(4, 3, *cfg.image_size, generator=gen),
             "hard_input_ids": hard["input_ids"], "hard_attention_mask": hard["attention_mask"]}
@@ -183,7 +184,7 @@ def test_hard_negatives(tiny_cfg, tokenizer):
 
 
 def test_duplicates_are_never_negatives(tiny_cfg, tokenizer):
-    tokens = M.tokenize(tokenizer, [CAPTIONS[0], CAPTIONS[1], CAPTIONS[0], CAPTIONS[2]], 70)
+    tokens = TextPipeline(tokenizer, max_tokens=70)([CAPTIONS[0], CAPTIONS[1], CAPTIONS[0], CAPTIONS[2]])
     positive = M.TpasModel._positive_pairs(tokens["input_ids"], tokens["attention_mask"], None)
     expected = torch.eye(4, dtype=torch.bool)
     expected[0, 2] = expected[2, 0] = True
@@ -194,7 +195,7 @@ def test_duplicates_are_never_negatives(tiny_cfg, tokenizer):
     # a batch of one (nothing to sample) and a batch of identical captions still train
     model = _tiny(tiny_cfg)
     images = torch.randn(2, 3, *tiny_cfg.image_size)
-    same = M.tokenize(tokenizer, [CAPTIONS[0]] * 2, 70)
+    same = TextPipeline(tokenizer, max_tokens=70)([CAPTIONS[0]] * 2)
     for out in (model(images[:1], same["input_ids"][:1], same["attention_mask"][:1]),
                 model(images, same["input_ids"], same["attention_mask"])):
         assert torch.isfinite(out["loss"])
@@ -293,10 +294,10 @@ def test_fusion_layers_start_as_the_text_models_top_layers(tiny_cfg):
 
 
 def test_tokenize_and_image_transform(tiny_cfg, tokenizer):
-    tokens = M.tokenize(tokenizer, ["a man", "a man in a red jacket lying on the pavement"], max_tokens=6)
+    tokens = TextPipeline(tokenizer, max_tokens=6)(["a man", "a man in a red jacket lying on the pavement"])
     assert set(tokens) == {"input_ids", "attention_mask"}
     assert tokens["input_ids"].shape == (2, 6) and tokens["attention_mask"][0].tolist() == [1, 1, 1, 1, 0, 0]
-    assert M.tokenize(tokenizer, ["a man", "a woman"], 70)["input_ids"].shape == (2, 4)  # longest, not max
+    assert TextPipeline(tokenizer, max_tokens=70)(["a man", "a woman"])["input_ids"].shape == (2, 4)  # longest, not max
 
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 120, 3), dtype=np.uint8))
     for train in (False, True):
@@ -322,11 +323,11 @@ def test_default_preset_builds_offline_and_trains():
     assert {k: v.shape for k, v in bare.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 
     model.train()
-    tokens = M.tokenize(tokenizer, CAPTIONS[:2], cfg.max_tokens)
+    tokens = TextPipeline(tokenizer, max_tokens=cfg.max_tokens)(CAPTIONS[:2])
     out = model(torch.randn(2, 3, *cfg.image_size), tokens["input_ids"], tokens["attention_mask"])
     assert torch.isfinite(out["loss"])
 
-    tokens = M.tokenize(tokenizer, (CAPTIONS * 4)[:16], cfg.max_tokens)
+    tokens = TextPipeline(tokenizer, max_tokens=cfg.max_tokens)((CAPTIONS * 4)[:16])
     images = torch.randn(16, 3, *cfg.image_size)
     image_ids = torch.arange(16) % 4  # the repeated captions belong to the repeated images
     start = time.perf_counter()

@@ -11,6 +11,7 @@ from tpas import model as model_lib
 from tpas.errors import TpasError
 from tpas.fast_itm import FastItmScorer
 from tpas.retrieval import IvfGallery, rank, resolve_device, resolve_precision
+from tpas.text import TextPipeline
 
 
 def _tiny():
@@ -29,7 +30,7 @@ def _reference(model, tokenizer, captions, images, k):
     image_embeds, image_feat = model.encode_image(images)
     out = []
     for caption in captions:
-        tokens = model_lib.tokenize(tokenizer, [caption], 70)
+        tokens = TextPipeline(tokenizer, max_tokens=70)([caption])
         text_embeds, text_feat = model.encode_text(tokens["input_ids"], tokens["attention_mask"])
         index = (text_feat @ image_feat.T)[0].topk(k).indices
         scores = [float(model.itm_score(image_embeds[g:g + 1], text_embeds, tokens["attention_mask"])) for g in index]
@@ -43,7 +44,7 @@ def test_batched_ranking_matches_per_query_loop() -> None:
     images = torch.randn(12, 3, *cfg.image_size)
     image_feat, image_embeds, reference = _reference(model, tokenizer, CAPTIONS, images, k=6)
     # itm_batch 8 splits one query's candidates across batches and mixes queries in one batch
-    ranked = rank(model, tokenizer, CAPTIONS, image_feat, image_embeds, k=6, max_tokens=70,
+    ranked = rank(model, TextPipeline(tokenizer, max_tokens=70), CAPTIONS, image_feat, image_embeds, k=6,
                   text_batch=2, itm_batch=8, progress=False)
     for q, (index, scores) in enumerate(reference):
         assert ranked["index"][q].tolist() == index.tolist()
@@ -56,9 +57,9 @@ def test_itc_only_ranking_is_sorted_similarity() -> None:
     images = torch.randn(9, 3, *cfg.image_size)
     with torch.inference_mode():
         image_embeds, image_feat = model.encode_image(images)
-        tokens = model_lib.tokenize(tokenizer, CAPTIONS, 70)
+        tokens = TextPipeline(tokenizer, max_tokens=70)(CAPTIONS)
         sims = (model.encode_text(tokens["input_ids"], tokens["attention_mask"])[1] @ image_feat.T).numpy()
-    ranked = rank(model, tokenizer, CAPTIONS, image_feat, image_embeds, k=20, max_tokens=70, use_itm=False,
+    ranked = rank(model, TextPipeline(tokenizer, max_tokens=70), CAPTIONS, image_feat, image_embeds, k=20, use_itm=False,
                   progress=False)
     assert ranked["index"].shape == (5, 9)  # k is capped at the gallery size
     assert np.isnan(ranked["itm"]).all()
@@ -87,7 +88,7 @@ def _tiny_layers(layers: int):
 def test_fast_itm_equals_itm_score_per_pair(layers: int, cache_bytes: int) -> None:
     model, tokenizer, cfg = _tiny_layers(layers)
     image_embeds, _ = model.encode_image(torch.randn(7, 3, *cfg.image_size))
-    tokens = model_lib.tokenize(tokenizer, CAPTIONS + ["a", "a woman"], 70)  # ragged: padded batch
+    tokens = TextPipeline(tokenizer, max_tokens=70)(CAPTIONS + ["a", "a woman"])  # ragged: padded batch
     mask = tokens["attention_mask"]
     assert mask.sum(1).min() < mask.shape[1]  # some captions really are padded
     text_embeds, _ = model.encode_text(tokens["input_ids"], mask)
@@ -105,14 +106,14 @@ def test_fast_ranking_matches_per_query_loop(layers: int, monkeypatch: pytest.Mo
     model, tokenizer, cfg = _tiny_layers(layers)
     images = torch.randn(12, 3, *cfg.image_size)
     image_feat, image_embeds, reference = _reference(model, tokenizer, CAPTIONS, images, k=6)
-    generic = rank(model, tokenizer, CAPTIONS, image_feat, image_embeds, k=6, max_tokens=70, itc_weight=0.5,
+    generic = rank(model, TextPipeline(tokenizer, max_tokens=70), CAPTIONS, image_feat, image_embeds, k=6, itc_weight=0.5,
                    text_batch=3, itm_batch=12, progress=False, fast_itm=False)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the fast path must not score pairs with model.itm_score")
 
     monkeypatch.setattr(model, "itm_score", refuse)
-    fast = rank(model, tokenizer, CAPTIONS, image_feat, image_embeds, k=6, max_tokens=70, itc_weight=0.5,
+    fast = rank(model, TextPipeline(tokenizer, max_tokens=70), CAPTIONS, image_feat, image_embeds, k=6, itc_weight=0.5,
                 text_batch=3, itm_batch=12, progress=False)
     for q, (index, scores) in enumerate(reference):
         # by ITM alone: the reference's order; with ITC added: the generic path's
@@ -144,8 +145,8 @@ def test_other_model_families_fall_back_to_itm_score() -> None:
     assert not fast_itm_lib.supports(wrapped) and fast_itm_lib.supports(model)
     with torch.inference_mode():
         image_embeds, image_feat = model.encode_image(torch.randn(10, 3, *cfg.image_size))
-    ours = rank(model, tokenizer, CAPTIONS, image_feat, image_embeds, k=4, max_tokens=70, progress=False)
-    theirs = rank(wrapped, tokenizer, CAPTIONS, image_feat, image_embeds, k=4, max_tokens=70, itm_batch=8,
+    ours = rank(model, TextPipeline(tokenizer, max_tokens=70), CAPTIONS, image_feat, image_embeds, k=4, progress=False)
+    theirs = rank(wrapped, TextPipeline(tokenizer, max_tokens=70), CAPTIONS, image_feat, image_embeds, k=4, itm_batch=8,
                   progress=False)
     assert wrapped.calls == 3  # 5 queries, 2 per ITM batch
     np.testing.assert_array_equal(ours["index"], theirs["index"])
@@ -159,10 +160,10 @@ def test_reduced_precision_runs_the_fast_path_under_autocast(precision: str) -> 
     with torch.inference_mode():
         image_embeds, image_feat = model.encode_image(torch.randn(10, 3, *cfg.image_size))
     # k = the whole gallery: the same candidates whatever the precision of the ITC stage
-    full = rank(model, tokenizer, CAPTIONS, image_feat, image_embeds, k=10, max_tokens=70, progress=False)
-    half = rank(model, tokenizer, CAPTIONS, image_feat, image_embeds, k=10, max_tokens=70, progress=False,
+    full = rank(model, TextPipeline(tokenizer, max_tokens=70), CAPTIONS, image_feat, image_embeds, k=10, progress=False)
+    half = rank(model, TextPipeline(tokenizer, max_tokens=70), CAPTIONS, image_feat, image_embeds, k=10, progress=False,
                 precision=precision)
-    generic = rank(model, tokenizer, CAPTIONS, image_feat, image_embeds, k=10, max_tokens=70, progress=False,
+    generic = rank(model, TextPipeline(tokenizer, max_tokens=70), CAPTIONS, image_feat, image_embeds, k=10, progress=False,
                    precision=precision, fast_itm=False)
     assert np.isfinite(half["itm"]).all()
 
@@ -207,8 +208,8 @@ def test_rank_with_faiss_ivf_matches_exact_on_a_small_gallery() -> None:
     model, tokenizer, cfg = _tiny_layers(1)
     with torch.inference_mode():
         image_embeds, image_feat = model.encode_image(torch.randn(12, 3, *cfg.image_size))
-    exact = rank(model, tokenizer, CAPTIONS, image_feat, image_embeds, k=5, max_tokens=70, progress=False)
-    approx = rank(model, tokenizer, CAPTIONS, image_feat, image_embeds, k=5, max_tokens=70, progress=False,
+    exact = rank(model, TextPipeline(tokenizer, max_tokens=70), CAPTIONS, image_feat, image_embeds, k=5, progress=False)
+    approx = rank(model, TextPipeline(tokenizer, max_tokens=70), CAPTIONS, image_feat, image_embeds, k=5, progress=False,
                   gallery_index="faiss-ivf")  # 12 images: a single list, so the search is exhaustive
     np.testing.assert_array_equal(approx["index"], exact["index"])
     np.testing.assert_allclose(approx["score"], exact["score"], rtol=1e-5, atol=1e-5)

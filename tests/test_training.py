@@ -19,6 +19,7 @@ from torchvision import transforms as T
 from tpas import model as model_lib
 from tpas import training
 from tpas.errors import TpasError
+from tpas.text import TextPipeline
 from tpas.training import (
     ResumableSampler,
     Runtime,
@@ -133,7 +134,7 @@ def _tiny(seed: int = 0) -> tuple[model_lib.RetrievalModel, object]:
 
 def _batch(tokenizer: object, captions: list[str], seed: int) -> dict[str, torch.Tensor]:
     images = torch.randn(len(captions), 3, 64, 32, generator=torch.Generator().manual_seed(seed))
-    return {"images": images, **model_lib.tokenize(tokenizer, captions, 70)}
+    return {"images": images, **TextPipeline(tokenizer, max_tokens=70)(captions)}
 
 
 CAPTIONS = [f"a person {i} in a {c} jacket is {a}" for i, (c, a) in

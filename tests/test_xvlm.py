@@ -19,6 +19,7 @@ from timm.layers import resize_rel_pos_bias_table
 from tpas import checkpoints as C
 from tpas import model as M
 from tpas.errors import TpasError
+from tpas.text import TextPipeline
 
 CAPTIONS = ["a man in a red jacket lying on the pavement", "a woman in a blue coat running across the street",
             "a child with a yellow backpack falling off a bike"]
@@ -81,7 +82,7 @@ def source() -> M.TpasModel:
 
 
 def _inputs(tokenizer, cfg: M.ModelConfig) -> tuple:
-    tokens = M.tokenize(tokenizer, CAPTIONS, cfg.max_tokens)
+    tokens = TextPipeline(tokenizer, max_tokens=cfg.max_tokens)(CAPTIONS)
     images = torch.randn(len(CAPTIONS), 3, *cfg.image_size, generator=torch.Generator().manual_seed(3))
     return images, tokens["input_ids"], tokens["attention_mask"]
 
@@ -290,3 +291,85 @@ def test_the_packaged_tokenizer_is_bert_base_uncased():
     assert hashlib.md5(vocab).hexdigest() == "64800d5d8528ce344256daf115d4965e"  # bert-base-uncased vocab.txt
     tokenizer = M.build_tokenizer(M.ModelConfig.from_preset("xvlm-base"))
     assert len(tokenizer) == 30522 and tokenizer("A MAN")["input_ids"] == [101, 1037, 2158, 102]
+
+
+# ---------------------------------------------------------------- CMP (X-VLM + pooled ITC heads + pose branch)
+
+def _cmp_cfg(**overrides) -> M.ModelConfig:
+    """xvlm-tiny with the cmp preset's ITC heads and text pipeline."""
+    return _cfg(itc_head="cmp", embed_dim=24, **{**M.CMP_TEXT, **overrides})
+
+
+def to_cmp(model: M.TpasModel) -> dict[str, torch.Tensor]:
+    """Our cmp-head model's weights under CMP's names (models/cmp.py, model_search.py, pose.py):
+    X-VLM's layout without bbox_head, plus the pose branch at Swin width."""
+    out = {k: v for k, v in to_xvlm(model).items() if not k.startswith("bbox_head.")}
+    width = model.vision_width
+    gen = torch.Generator().manual_seed(11)
+    out["pose_block.norm.weight"] = torch.ones(width)
+    for part in ("q", "k", "v", "proj"):
+        out[f"pose_block.attn.{part}.weight"] = torch.randn(width, width, generator=gen)
+        out[f"pose_block.attn.{part}.bias"] = torch.zeros(width)
+    out["pose_conv.expand.0.weight"] = torch.randn(96, 3, 3, 3, generator=gen)
+    out["pose_conv.expand.1.running_mean"] = torch.zeros(96)
+    out["pose_conv.reduce.0.weight"] = torch.randn(3, 96, 3, 3, generator=gen)
+    return out
+
+
+def test_cmp_heads_pool_the_tokens_as_cmp_does():
+    model = _model(0, _cmp_cfg())
+    assert [type(m) for m in model.vision_proj] == [torch.nn.BatchNorm1d, torch.nn.Dropout, torch.nn.Linear]
+    assert model.vision_proj[0].num_features == 3 * model.vision_width            # 3 pooled patch groups
+    assert model.text_proj[0].num_features == 4 * model.text_encoder.config.hidden_size  # CLS + 3 groups
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        embeds, feat = model.encode_image(images)
+        patches = embeds[:, 1:]  # models/cmp.py: avgpool(3) over the tokens after CLS, concatenated
+        groups = torch.cat([torch.nn.functional.adaptive_avg_pool1d(patches.transpose(1, 2), 3)[..., i]
+                            for i in range(3)], dim=1)
+        expected = torch.nn.functional.normalize(model.vision_proj(groups), dim=-1)
+    torch.testing.assert_close(feat, expected)
+
+
+def test_cmp_text_pipeline_pads_to_56_because_cmp_pools_padding():
+    cfg = M.ModelConfig.from_preset("cmp")
+    text = M.build_text_pipeline(M.ModelConfig.from_preset("xvlm-tiny", **M.CMP_TEXT))
+    assert (cfg.caption_clean, cfg.max_words, cfg.trailing_sep, cfg.max_tokens, cfg.pad_to_max_tokens) == \
+        ("pre_caption", 56, True, 56, True)
+    tokens = text(["A man, lying.", CAPTIONS[1]])
+    cleaned = text.tokenizer("a man lying")["input_ids"]  # pre_caption: lower case, no punctuation
+    assert tokens["input_ids"].shape == (2, 56) and tokens["input_ids"][0, :5].tolist() == cleaned
+    assert cleaned[0] == 101 and cleaned[-1] == 102  # [SEP] kept: CMP uses transformers' BertTokenizer
+    # the pooled text feature reads the padded positions: padding to the batch's longest would
+    # make a caption's feature depend on the rest of its batch
+    model = _model(0, _cmp_cfg())
+    with torch.no_grad():
+        alone = model.encode_text(**text(["a man"]))[1]
+        shorter = model.encode_text(**TextPipeline(text.tokenizer, max_tokens=56)(["a man"]))[1]
+    assert not torch.allclose(alone, shorter, atol=1e-4)
+
+
+def test_a_cmp_checkpoint_loads_with_its_pose_branch_ignored(tokenizer, tmp_path, capsys):
+    source = _model(0, _cmp_cfg())
+    target = _model(1, _cmp_cfg())
+    report = C.load_initial_weights(target, _save(tmp_path, to_cmp(source), "cmp.pth"))
+    assert report["schema"] == "cmp" and report["unmapped"] == [] and report["missing"] == []
+    pose = {k for k in report["ignored"] if k.startswith("pose_")}
+    assert pose == {k for k in to_cmp(source) if k.startswith("pose_")} and len(pose) == 12
+    assert all("pose" in report["ignored"][k] for k in pose)
+    assert "WARNING" not in capsys.readouterr().out
+    expected = source.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in target.state_dict().items())
+    assert any(k.startswith("vision_proj.0.running_") for k in report["loaded"])  # BatchNorm statistics too
+
+
+def test_a_cmp_checkpoint_is_refused_by_x_vlms_heads_and_x_vlm_loads_into_cmp(tmp_path, capsys):
+    cmp_path = _save(tmp_path, to_cmp(_model(0, _cmp_cfg())), "cmp.pth")
+    with pytest.raises(TpasError, match="a CMP checkpoint.*use --model cmp"):
+        C.load_initial_weights(_model(1), cmp_path)
+    # X-VLM -> cmp: everything but the ITC heads, which start fresh (as CMP's own fine-tuning does)
+    target = _model(1, _cmp_cfg())
+    report = C.load_initial_weights(target, _save(tmp_path, to_xvlm(_model(0))))
+    heads = {"vision_proj.weight", "vision_proj.bias", "text_proj.weight", "text_proj.bias"}
+    assert heads <= set(report["ignored"]) and report["unmapped"] == []
+    assert report["missing"] and all(k.startswith(("vision_proj.", "text_proj.")) for k in report["missing"])

@@ -1,4 +1,4 @@
-"""Initial weights for `train.py --init PATH`: a run of ours or X-VLM's released checkpoints.
+"""Initial weights for `train.py --init PATH`: a run of ours, X-VLM's or CMP's released checkpoints.
 
 Accepted sources:
 - a run directory of ours (`runs/<name>/`, its model.safetensors) or any `.safetensors` file,
@@ -21,6 +21,18 @@ X-VLM's names map to ours by the explicit rules in `xvlm_target`:
   keep their names.
 - Not used here, reported as ignored: the MLM head `text_encoder.cls.*`, `bbox_head.*`, the BERT
   pooler, `position_ids` and the Swin buffers.
+
+CMP's checkpoints (`cmp.pth`, github.com/Shuyu-XJTU/CMP; CMP_Baseline_Code/models/cmp.py and
+model_search.py in WWW2025Workshop) are X-VLM's layout plus:
+- ITC heads `vision_proj.{0,2}` / `text_proj.{0,2}` (BatchNorm1d, Dropout, Linear over pooled
+  tokens, 3072 -> 2048): they load into the `cmp` preset (`itc_head="cmp"`), which has the same
+  modules under the same names; another preset refuses the checkpoint with a sentence;
+- the pose branch `pose_block.*` (cross-attention from pose to image tokens) and `pose_conv.*`
+  (the pose image's conv stem): reported as ignored, since tpas ranks from the RGB image alone
+  (CMP's `be_pose_img` adds PAB's pose renderings at inference);
+- no BERT pooler, no `bbox_head`.
+Loading X-VLM's checkpoint into the `cmp` preset reports X-VLM's Linear ITC heads as ignored: they
+do not fit CMP's pooled heads, which start fresh (as when CMP itself starts from X-VLM).
 
 Every source key that maps nowhere and every model key left uninitialised is printed and
 returned in the report; a shape that does not fit (and cannot be interpolated) is a TpasError.
@@ -51,7 +63,10 @@ XVLM_IGNORED = (
     (re.compile(r"^text_encoder\.(bert\.)?pooler\."), "BERT pooler (unused)"),
     (re.compile(r"^text_encoder\.cls\."), "MLM head (pre-training only)"),
     (re.compile(r"^bbox_head\."), "box head (pre-training / grounding only)"),
+    (re.compile(r"^pose_(block|conv)\."), "CMP's pose branch (tpas ranks from the RGB image alone, without PAB's pose images)"),
 )
+_CMP_ONLY = re.compile(r"^(pose_block|pose_conv)\.|^(vision|text)_proj\.[02]\.")  # keys X-VLM's checkpoints lack
+_XVLM_ITC_HEAD = ("vision_proj.weight", "vision_proj.bias", "text_proj.weight", "text_proj.bias")
 _XVLM_TEXT_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
 _XVLM_SAME_NAME = ("vision_proj.", "text_proj.", "itm_head.")
 _TIMM_DROPS = ("relative_position_index", "attn_mask")  # what timm's checkpoint_filter_fn skips
@@ -113,7 +128,14 @@ def is_xvlm_state_dict(state: dict[str, torch.Tensor]) -> bool:
     return any(k.startswith("vision_encoder.") for k in state) and any(k.startswith("text_encoder.") for k in state)
 
 
-def xvlm_ignored_reason(key: str) -> str | None:
+def is_cmp_state_dict(state: dict[str, torch.Tensor]) -> bool:
+    """X-VLM's layout with CMP's pooled ITC heads or its pose branch."""
+    return is_xvlm_state_dict(state) and any(_CMP_ONLY.search(k) for k in state)
+
+
+def xvlm_ignored_reason(key: str, itc_head: str = "cls") -> str | None:
+    if itc_head == "cmp" and key in _XVLM_ITC_HEAD:
+        return "X-VLM's Linear ITC head does not fit CMP's pooled head, which starts fresh (as in CMP)"
     return next((reason for pattern, reason in XVLM_IGNORED if pattern.search(key)), None)
 
 
@@ -193,7 +215,7 @@ def _convert_swin(vision: dict[str, torch.Tensor], image_encoder: torch.nn.Modul
 def load_initial_weights(model: RetrievalModel, path: str | Path) -> dict:
     """Load the weights at `path` into `model` (before training) and report what happened.
 
-    Returns {"path", "schema" ("tpas" | "xvlm"), "loaded", "ignored", "unmapped", "missing",
+    Returns {"path", "schema" ("tpas" | "xvlm" | "cmp"), "loaded", "ignored", "unmapped", "missing",
     "interpolated", "counts"}: model keys loaded, source keys ignored on purpose (with the
     reason), source keys with no counterpart, model keys left as they were (uninitialised), and
     relative-position tables resized to the model's windows. Unmapped and missing keys are also
@@ -212,12 +234,17 @@ def load_state(model: RetrievalModel, state: dict[str, torch.Tensor], path: str)
     interpolated: list[str] = []
 
     if is_xvlm_state_dict(state):
-        schema = "xvlm"
+        schema = "cmp" if is_cmp_state_dict(state) else "xvlm"
         if not isinstance(model, TpasModel) or model.cfg.image_tokens != "direct":
-            raise TpasError(f"{path}: an X-VLM checkpoint fits only the X-VLM-style models; use --model xvlm-base.")
+            raise TpasError(f"{path}: an X-VLM/CMP checkpoint fits only the X-VLM-style models; use --model "
+                            f"{'cmp' if schema == 'cmp' else 'xvlm-base'}.")
+        itc_head = model.cfg.itc_head
+        if schema == "cmp" and itc_head != "cmp" and any(k.startswith(("vision_proj.0.", "vision_proj.2.")) for k in state):
+            raise TpasError(f"{path}: a CMP checkpoint, whose ITC heads pool the tokens (vision_proj.0/.2); "
+                            f"--model {model.cfg.preset} has X-VLM's; use --model cmp.")
         vision = {}
         for key, value in state.items():
-            reason = xvlm_ignored_reason(key)
+            reason = xvlm_ignored_reason(key, itc_head)
             if reason:
                 ignored[key] = reason
             if key.startswith("vision_encoder."):

@@ -129,8 +129,14 @@ class FastItmScorer:
         return att.output(ctx.flatten(1)[:, None], cls)
 
     def scores(self, text_embeds: torch.Tensor, text_mask: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """ITM scores [Q, k] of each query (text_embeds [Q, L, D], text_mask [Q, L]) against the
-        gallery images candidates [Q, k]; equals model.itm_score on the Q*k row-aligned pairs."""
+        """ITM scores [Q, k] (match minus no-match logit); equal model.itm_score on the Q*k pairs."""
+        logits = self.logits(text_embeds, text_mask, candidates)
+        return logits[..., 1] - logits[..., 0]
+
+    def logits(self, text_embeds: torch.Tensor, text_mask: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """ITM logits [Q, k, 2] (no match, match) of each query (text_embeds [Q, L, D], text_mask
+        [Q, L]) against the gallery images candidates [Q, k]; equal model.itm_logits on the Q*k
+        row-aligned pairs."""
         count, k = candidates.shape
         mask = text_mask.bool()
         last = len(self.layers) - 1
@@ -157,5 +163,4 @@ class FastItmScorer:
             x = self._cross(layer, x, kv[last])
             x = layer.output(layer.intermediate(x), x)
 
-        logits = self.model.itm_head(x[:, 0])
-        return (logits[:, 1] - logits[:, 0]).reshape(count, k)
+        return self.model.itm_head(x[:, 0]).reshape(count, k, 2)

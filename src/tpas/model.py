@@ -36,6 +36,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 from transformers.activations import ACT2FN
 from transformers.utils import logging as hf_logging
 
+from tpas import text as text_lib
 from tpas.errors import TpasError
 
 # The packaged EfficientNet-Lite0 weights were converted from the TensorFlow checkpoint, which
@@ -54,6 +55,14 @@ PRETRAINED_BACKBONES = ("tf_efficientnet_lite0", "efficientnet_lite0")
 # OpenAI CLIP's normalisation, which BLIP also uses
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# X-VLM's (and CMP's) text pipeline (tpas.text): pre_caption(caption, 30), [CLS] + word pieces with
+# no [SEP], at most 40 ids (Retrieval_flickr/coco.yaml and CMP's configs: max_words 30, max_tokens 40)
+XVLM_TEXT: dict[str, Any] = {"caption_clean": "pre_caption", "max_words": 30, "trailing_sep": False, "max_tokens": 40}
+# CMP's (CMP_Baseline_Code: configs/cmp.yaml, dataset/utils.py, eval.py): X-VLM's pre_caption with
+# max_words 56, then transformers' BertTokenizer, which keeps the trailing [SEP], padded to max_length 56
+CMP_TEXT: dict[str, Any] = {"caption_clean": "pre_caption", "max_words": 56, "trailing_sep": True, "max_tokens": 56,
+                            "pad_to_max_tokens": True}
 
 # Named starting points; `ModelConfig.from_preset` applies them over the defaults.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -77,7 +86,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "image_backbone": "swin_base_patch4_window7_224", "image_pretrained": False, "image_size": (224, 224),
         "image_tokens": "direct", "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD,
         "text_config": {}, "text_pretrained": False,  # {} = BertConfig's defaults = bert-base-uncased
-        "text_layers": 6, "fusion_layers": 6, "embed_dim": 256, "itm_head": "mlp",
+        "text_layers": 6, "fusion_layers": 6, "embed_dim": 256, "itm_head": "mlp", **XVLM_TEXT,
+    },
+    # CMP (the PAB baseline, CMP_Baseline_Code/models/cmp.py): X-VLM-base with CMP's ITC heads (pooled
+    # tokens -> BatchNorm, dropout 0.5, Linear to 2048) and text pipeline. RANDOM unless train.py --init
+    # loads CMP's released cmp.pth (or X-VLM's checkpoint, whose ITC heads then start fresh, as in CMP).
+    "cmp": {
+        "image_backbone": "swin_base_patch4_window7_224", "image_pretrained": False, "image_size": (224, 224),
+        "image_tokens": "direct", "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD,
+        "text_config": {}, "text_pretrained": False,
+        "text_layers": 6, "fusion_layers": 6, "embed_dim": 2048, "itm_head": "mlp", "itc_head": "cmp", **CMP_TEXT,
     },
     # The same code path at toy size, random: tests and smoke runs.
     "xvlm-tiny": {
@@ -87,6 +105,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "text_config": {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2,
                         "intermediate_size": 64, "vocab_size": 30522, "initializer_range": 0.2},
         "text_pretrained": False, "text_layers": 2, "fusion_layers": 2, "embed_dim": 16, "itm_head": "mlp",
+        **XVLM_TEXT,
     },
     # transformers' BlipForImageTextRetrieval (tpas.hf_models): pretrained ITC + ITM; --hf-model takes a
     # local dir saved from the hub (the hub name loads only from the cache or online)
@@ -105,8 +124,10 @@ NEW_PARAM_INFIX = ".crossattention."  # inside fusion.<i>: the cross-attention i
 NO_DECAY_SUFFIXES = ("pos_embed", "position_embedding", "temp", "logit_scale")  # besides biases and norms
 
 FAMILIES = ("tpas", "blip", "clip")
+TEXT_FIELDS = ("caption_clean", "max_words", "trailing_sep", "max_tokens", "pad_to_max_tokens")  # ModelConfig's text pipeline
 IMAGE_TOKEN_MODES = ("projected", "direct")
 ITM_HEADS = ("linear", "mlp")
+ITC_HEADS = ("cls", "cmp")
 
 # With image_tokens="direct" every weight, cross-attention included, comes from one image-text
 # checkpoint (X-VLM's, via train.py --init); as X-VLM's own fine-tuning does, only the ITC/ITM
@@ -115,7 +136,7 @@ DIRECT_NEW_PARAM_PREFIXES = ("vision_proj.", "text_proj.", "itm_head.", "temp")
 
 # Presets whose weights come only from an image-text checkpoint passed to train.py --init: built
 # alone they are random, which build_model says in a warning.
-INIT_ONLY_PRESETS = ("xvlm-base",)
+INIT_ONLY_PRESETS = ("xvlm-base", "cmp")
 
 
 class RandomWeightsWarning(UserWarning):
@@ -140,8 +161,16 @@ class ModelConfig:
     image_tokens: str = "projected"             # projected: CNN map -> text width (+ pos embed, norm); direct: X-VLM
     text_layers: int | None = None              # keep only the first N text layers; fusion starts from layer N
     itm_head: str = "linear"                    # linear | mlp (X-VLM's Linear, LayerNorm, GELU, Linear)
+    itc_head: str = "cls"                       # cls: Linear on the CLS (X-VLM); cmp: CMP's pooled BatchNorm head
+    itc_dropout: float = 0.5                    # itc_head cmp: dropout before its Linear (CMP's itc_dp)
     embed_dim: int = 256                        # ITC projection size
-    max_tokens: int = 70
+    # the text pipeline (tpas.text); these defaults are MiniLM's/BERT's own: whitespace stripped,
+    # [CLS] ... [SEP], 70 ids (the lite preset, and every run trained before pipelines were recorded)
+    caption_clean: str = "strip"                # strip | pre_caption (X-VLM's cleaning)
+    max_words: int = 30                         # words kept by pre_caption
+    trailing_sep: bool = True                   # False: X-VLM's tokenizer, no [SEP]
+    max_tokens: int = 70                        # ids per caption, special tokens included
+    pad_to_max_tokens: bool = False             # pad to max_tokens, not the longest (CMP pools padding too)
     temp: float = 0.07                          # learnable, clamped to TEMP_RANGE
     image_mean: tuple[float, float, float] = IMAGE_MEAN
     image_std: tuple[float, float, float] = IMAGE_STD
@@ -164,8 +193,14 @@ class ModelConfig:
             raise TpasError(f"image_tokens must be one of {IMAGE_TOKEN_MODES}; got {self.image_tokens!r}.")
         if self.itm_head not in ITM_HEADS:
             raise TpasError(f"itm_head must be one of {ITM_HEADS}; got {self.itm_head!r}.")
+        if self.itc_head not in ITC_HEADS:
+            raise TpasError(f"itc_head must be one of {ITC_HEADS}; got {self.itc_head!r}.")
         if self.text_layers is not None and self.text_layers < 1:
             raise TpasError(f"text_layers must be >= 1 (or null for all); got {self.text_layers}.")
+        if self.caption_clean not in text_lib.CAPTION_CLEANERS:
+            raise TpasError(f"caption_clean must be one of {text_lib.CAPTION_CLEANERS}; got {self.caption_clean!r}.")
+        if self.max_words < 1 or self.max_tokens < 2:
+            raise TpasError(f"max_words must be >= 1 and max_tokens >= 2; got {self.max_words} and {self.max_tokens}.")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
@@ -180,7 +215,15 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise TpasError(f"model config has unknown keys {unknown}; it was written by another tpas version.")
+        # A run saved before the text pipeline was recorded (no caption_clean key) was trained on
+        # stripped captions with the tokenizer's own [CLS] ... [SEP] and its saved max_tokens: the
+        # dataclass defaults, whatever its preset says today, so it keeps reading what it learnt on.
         return cls(**data)
+
+    @property
+    def text_settings(self) -> dict[str, Any]:
+        """The text pipeline's knobs (tpas.text.TextPipeline's fields)."""
+        return {name: getattr(self, name) for name in TEXT_FIELDS}
 
 
 # ---------------------------------------------------------------- packaged weights
@@ -286,10 +329,9 @@ def build_tokenizer(cfg: ModelConfig) -> Any:
     return AutoTokenizer.from_pretrained(str(_text_dir(cfg)))
 
 
-def tokenize(tokenizer: Any, captions: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
-    """input_ids and attention_mask, padded to the batch's longest caption (not max_tokens: speed)."""
-    out = tokenizer(list(captions), padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt")
-    return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+def build_text_pipeline(cfg: ModelConfig, tokenizer: Any = None) -> text_lib.TextPipeline:
+    """The caption cleaning + tokenization this model was (or will be) trained with."""
+    return text_lib.TextPipeline(tokenizer if tokenizer is not None else build_tokenizer(cfg), **cfg.text_settings)
 
 
 @contextlib.contextmanager
@@ -715,8 +757,15 @@ class TpasModel(RetrievalModel):
                 raise TpasError(f"text model layers do not fit the fusion layer layout (unexpected "
                                 f"{result.unexpected_keys[:3]}, missing {result.missing_keys[:3]}); use a BERT-like model.")
 
-        self.vision_proj = nn.Linear(self.vision_width, cfg.embed_dim)
-        self.text_proj = nn.Linear(hidden, cfg.embed_dim)
+        if cfg.itc_head == "cmp":
+            # CMP's feature_mapping (BatchNorm1d, Dropout, Linear: keys .0 and .2) over the image's 3
+            # pooled token groups and the caption's CLS + 3 pooled groups (models/cmp.py)
+            self.vision_proj = _cmp_feature_mapping(CMP_POOLED_PARTS * self.vision_width, cfg.embed_dim, cfg.itc_dropout)
+            self.text_proj = _cmp_feature_mapping((CMP_POOLED_PARTS + 1) * hidden, cfg.embed_dim, cfg.itc_dropout)
+            self.token_pool = nn.AdaptiveAvgPool1d(CMP_POOLED_PARTS)
+        else:
+            self.vision_proj = nn.Linear(self.vision_width, cfg.embed_dim)
+            self.text_proj = nn.Linear(hidden, cfg.embed_dim)
         if cfg.itm_head == "mlp":  # X-VLM's build_mlp: keys itm_head.0 / .1 / .3
             self.itm_head = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.LayerNorm(2 * hidden), nn.GELU(),
                                           nn.Linear(2 * hidden, 2))
@@ -760,17 +809,27 @@ class TpasModel(RetrievalModel):
             tokens = fmap.flatten(1, 2)
             # X-VLM's image CLS: the average of the Swin's tokens, prepended
             embeds = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1)
-            return embeds, F.normalize(self.vision_proj(embeds[:, 0]), dim=-1)
+            return embeds, self._image_feat(embeds)
         tokens = self.image_proj(fmap.flatten(2).transpose(1, 2))
         # CLS = projected global average pool; the projection is linear, so pool after projecting
         embeds = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1) + self.image_pos_embed
         embeds = self.image_norm(embeds)
-        return embeds, F.normalize(self.vision_proj(embeds[:, 0]), dim=-1)
+        return embeds, self._image_feat(embeds)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (text_embeds [B, L, D] = last hidden states, unit-norm text_feat [B, E])."""
         hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.cfg.itc_head == "cmp":  # CLS + the pooled positions after it, padding included (as CMP)
+            pooled = self.token_pool(hidden[:, 1:].transpose(1, 2)).transpose(1, 2).flatten(1)
+            return hidden, F.normalize(self.text_proj(torch.cat([hidden[:, 0], pooled], dim=1)), dim=-1)
         return hidden, F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+
+    def _image_feat(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Unit ITC feature of image tokens [B, 1+N, D]: the CLS projected, or CMP's pooled patch groups."""
+        if self.cfg.itc_head == "cmp":
+            return F.normalize(self.vision_proj(self.token_pool(embeds[:, 1:].transpose(1, 2)).transpose(1, 2).flatten(1)),
+                               dim=-1)
+        return F.normalize(self.vision_proj(embeds[:, 0]), dim=-1)
 
     def fuse(self, text_embeds: torch.Tensor, text_mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         """Row-aligned (text, image) pairs -> fused CLS [B, D]."""
@@ -801,6 +860,13 @@ class TpasModel(RetrievalModel):
             self.text_encoder.activation_checkpointing_disable()
         if hasattr(self.image_encoder, "set_grad_checkpointing"):
             self.image_encoder.set_grad_checkpointing(enable)
+
+CMP_POOLED_PARTS = 3  # CMP's nn.AdaptiveAvgPool1d(3) over the tokens after CLS
+
+
+def _cmp_feature_mapping(width: int, embed_dim: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.BatchNorm1d(width), nn.Dropout(dropout), nn.Linear(width, embed_dim))
+
 
 def build_model(cfg: ModelConfig) -> RetrievalModel:
     """Build the model offline: packaged/local pretrained weights as cfg asks, random otherwise."""

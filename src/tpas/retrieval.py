@@ -28,12 +28,14 @@ from tqdm import tqdm
 
 from tpas import fast_itm as fast_itm_lib
 from tpas import model as model_lib
+from tpas import scores as scores_lib
 from tpas.cli import field
 from tpas.data import TestSet, ensure_data, load_rgb, load_test_set
 from tpas.errors import TpasError
 from tpas.io import atomic_path, write_json, write_parquet
 from tpas.metrics import format_metrics, ranking_metrics
 from tpas.schema import CANDIDATES_FILE, QUERIES_FILE, candidates_frame, queries_frame
+from tpas.text import TextPipeline
 from tpas.training import load_run_model
 
 
@@ -50,7 +52,14 @@ class InferConfig:
     output_dir: Path = field(Path("outputs/infer"), "Where the candidates and metrics are written.")
     k: int = field(128, "Candidates per query kept from ITC and re-ranked by ITM.")
     itm: bool = field(True, "Re-rank the top-k with the ITM head (off: rank by ITC alone).")
-    itc_weight: float | None = field(None, "Final score = ITM score + this × ITC similarity; default 1/temperature, i.e. ITM logit + ITC logit (0: ITM alone, as X-VLM).")
+    score: str | None = field(None, "How ITC and ITM combine into the ranking score (tpas.scores; l1/l0 = ITM match/no-match "
+                                    "logit): xvlm = l1 (X-VLM Retrieval.py), cmp = minmax(l1) + 0.002 minmax(ITC) (CMP eval.py), "
+                                    "blip = l1 + ITC (BLIP train_retrieval.py), log-odds = l1 - l0, tpas = l1 - l0 + "
+                                    "--itc-weight x ITC, itc = ITC alone. Default: the preset's (xvlm for xvlm-*, blip for "
+                                    "blip-itm, tpas for lite/tiny: best on the demo validation set; itc for clip). metrics.json "
+                                    "scores every rule.", choices=list(scores_lib.SCORE_RULES))
+    itc_weight: float | None = field(None, "--score tpas: the weight w of the ITC similarity; default 1/temperature, "
+                                           "i.e. ITM log-odds + ITC logit.")
     image_batch: int = field(64, "Images per encoder batch.")
     text_batch: int = field(128, "Captions per encoder batch.")
     itm_batch: int = field(512, "Query-candidate pairs per ITM batch (whole queries: at least one query's k).")
@@ -188,11 +197,11 @@ def cached_gallery(model: model_lib.RetrievalModel, paths: list[str], transform:
 
 
 @torch.inference_mode()
-def rank(model: model_lib.RetrievalModel, tokenizer: Any, captions: list[str], image_feat: torch.Tensor,
-         image_embeds: torch.Tensor, k: int, max_tokens: int, use_itm: bool = True, itc_weight: float = 0.0,
+def rank(model: model_lib.RetrievalModel, text: TextPipeline, captions: list[str], image_feat: torch.Tensor,
+         image_embeds: torch.Tensor, k: int, use_itm: bool = True, score_rule: str = "tpas", itc_weight: float = 0.0,
          text_batch: int = 128, itm_batch: int = 512, progress: bool = True, fast_itm: bool = True,
-         precision: str = "fp32", gallery_index: str = "exact", nprobe: int = 32) -> dict[str, np.ndarray]:
-    """Top-k gallery indices per query by ITC, re-scored by ITM.
+         precision: str = "fp32", gallery_index: str = "exact", nprobe: int = 32) -> dict[str, Any]:
+    """Top-k gallery indices per query by ITC, re-scored by ITM under `score_rule` (tpas.scores).
 
     Runs where image_feat / image_embeds are (the model must be there too), under autocast for
     precision fp16/bf16. Captions are processed in order of token length, so a batch pads little;
@@ -200,16 +209,19 @@ def rank(model: model_lib.RetrievalModel, tokenizer: Any, captions: list[str], i
     fast_itm=False), any other model by its itm_score. gallery_index="faiss-ivf" finds the ITC top-k
     approximately (IvfGallery), for galleries of millions.
 
-    Returns arrays of shape [Q, k] in caption order: index, itc, itm (NaN without ITM), score,
-    each row sorted by score.
+    Returns arrays of shape [Q, k] in caption order, each row sorted by score: index, itc, itm
+    (log-odds l1 - l0; NaN without ITM), score, and itm_logits [Q, k, 2] (None without ITM);
+    plus itc_range, the (min, max) ITC over every query x gallery pair (over the listed pairs
+    with faiss-ivf), which the cmp rule normalises by.
     """
     device = image_feat.device
     k = min(k, image_feat.shape[0])
     n = len(captions)
     top_index = np.zeros((n, k), dtype=np.int64)
     top_itc = np.zeros((n, k), dtype=np.float32)
-    top_itm = np.full((n, k), np.nan, dtype=np.float32)
-    lengths = [len(ids) for ids in tokenizer(list(captions), truncation=True, max_length=max_tokens)["input_ids"]]
+    top_logits = np.full((n, k, 2), np.nan, dtype=np.float32)
+    itc_low, itc_high = np.inf, -np.inf
+    lengths = text.lengths(list(captions))
     order = np.argsort(lengths, kind="stable")
     per_itm = max(1, itm_batch // k)  # queries per ITM batch
     if gallery_index not in ("exact", "faiss-ivf"):
@@ -221,14 +233,16 @@ def rank(model: model_lib.RetrievalModel, tokenizer: Any, captions: list[str], i
         bar = tqdm(total=n, desc="ranking", disable=not progress, leave=False)
         for start in range(0, n, text_batch):
             rows = order[start:start + text_batch]
-            tokens = model_lib.tokenize(tokenizer, [captions[i] for i in rows], max_tokens)
+            tokens = text([captions[i] for i in rows])
             input_ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
             text_embeds, text_feat = model.encode_text(input_ids, mask)
             if ivf is not None:
                 itc, index = ivf.search(text_feat, k)
             else:
                 with torch.autocast(device.type, enabled=False):  # similarities in fp32: fp16 would tie near-equal ones
-                    itc, index = (text_feat.float() @ image_feat.float().T).topk(k, dim=1)
+                    sims = text_feat.float() @ image_feat.float().T
+                    itc, index = sims.topk(k, dim=1)
+                    itc_low, itc_high = min(itc_low, float(sims.min())), max(itc_high, float(sims.max()))
             top_index[rows], top_itc[rows] = index.cpu().numpy(), itc.cpu().numpy()
             if use_itm:
                 scores = []
@@ -237,18 +251,25 @@ def rank(model: model_lib.RetrievalModel, tokenizer: Any, captions: list[str], i
                     length = int(mask[s:s + per_itm].sum(1).max())
                     state, state_mask, cand = text_embeds[s:s + per_itm, :length], mask[s:s + per_itm, :length], index[s:s + per_itm]
                     if scorer is not None:
-                        scores.append(scorer.scores(state, state_mask, cand).float())
+                        scores.append(scorer.logits(state, state_mask, cand).float())
                     else:
-                        pairs = model.itm_score(image_embeds[cand.reshape(-1)], state.repeat_interleave(k, 0),
-                                                state_mask.repeat_interleave(k, 0))
-                        scores.append(pairs.float().reshape(len(cand), k))
-                top_itm[rows] = torch.cat(scores).cpu().numpy()
+                        pairs = model.itm_logits(image_embeds[cand.reshape(-1)], state.repeat_interleave(k, 0),
+                                                 state_mask.repeat_interleave(k, 0))
+                        scores.append(pairs.float().reshape(len(cand), k, 2))
+                top_logits[rows] = torch.cat(scores).cpu().numpy()
             bar.update(len(rows))
         bar.close()
-    score = (top_itm + itc_weight * top_itc) if use_itm else top_itc.copy()
+    if ivf is not None or not np.isfinite(itc_low):
+        itc_low, itc_high = float(top_itc.min()), float(top_itc.max())
+    logits = top_logits if use_itm else None
+    score = scores_lib.combine(score_rule if use_itm else "itc", top_itc, logits, itc_weight, (itc_low, itc_high))
     best = np.argsort(-score, axis=1, kind="stable")
-    return {name: np.take_along_axis(a, best, axis=1)
-            for name, a in (("index", top_index), ("itc", top_itc), ("itm", top_itm), ("score", score))}
+    out: dict[str, Any] = {name: np.take_along_axis(a, best, axis=1)
+                           for name, a in (("index", top_index), ("itc", top_itc), ("score", score))}
+    out["itm_logits"] = np.take_along_axis(top_logits, best[..., None], axis=1) if use_itm else None
+    out["itm"] = (out["itm_logits"][..., 1] - out["itm_logits"][..., 0]) if use_itm else np.full((n, k), np.nan, np.float32)
+    out["itc_range"] = (itc_low, itc_high)
+    return out
 
 
 def _load_model(cfg: InferConfig) -> tuple[model_lib.RetrievalModel, model_lib.ModelConfig, str]:
@@ -304,7 +325,7 @@ def infer(cfg: InferConfig) -> dict:
     precision = resolve_precision(cfg.precision, device)
     model, model_cfg, model_key = _load_model(cfg)
     model.to(device)
-    tokenizer = model_lib.build_tokenizer(model_cfg)
+    text = model_lib.build_text_pipeline(model_cfg)
     transform = model_lib.image_transform(model_cfg, train=False)
     use_itm = uses_itm(cfg, model, model_cfg)
     image_feat, image_embeds, from_cache = cached_gallery(model, test.gallery["path"].tolist(), transform, cfg, model_key,
@@ -312,9 +333,11 @@ def infer(cfg: InferConfig) -> dict:
     image_feat, image_embeds = image_feat.to(device), image_embeds.to(device)
     # Both heads give logits: the ITC one is similarity / temperature, so by default they add up.
     itc_weight = cfg.itc_weight if cfg.itc_weight is not None else 1.0 / float(model.temp.detach())
-    ranked = rank(model, tokenizer, test.queries["caption"].tolist(), image_feat, image_embeds, cfg.k,
-                  model_cfg.max_tokens, use_itm, itc_weight, cfg.text_batch, cfg.itm_batch, cfg.progress,
-                  cfg.fast_itm, precision, cfg.gallery_index, cfg.nprobe)
+    rule = resolve_score_rule(cfg, model_cfg, use_itm)
+    captions = test.queries["caption"].tolist()
+    text.check(captions, [f"query {q}" for q in test.queries["query_index"]], f"{test.root} ({test.source} queries)")
+    ranked = rank(model, text, captions, image_feat, image_embeds, cfg.k, use_itm, rule, itc_weight,
+                  cfg.text_batch, cfg.itm_batch, cfg.progress, cfg.fast_itm, precision, cfg.gallery_index, cfg.nprobe)
     candidates, queries = to_frames(test, ranked)
     out = Path(cfg.output_dir)
     write_parquet(out / CANDIDATES_FILE, candidates)
@@ -325,15 +348,36 @@ def infer(cfg: InferConfig) -> dict:
                                "source": test.source, "gallery_cache_hit": from_cache,
                                "device": str(device), "precision": precision,
                                "fast_itm": bool(use_itm and cfg.fast_itm and fast_itm_lib.supports(model)),
-                               "itc_weight": itc_weight if use_itm else None,
-                               "seconds": round(time.time() - started, 1)}
+                               "score": rule, "itc_weight": itc_weight if use_itm else None,
+                               "text": text.describe(), "seconds": round(time.time() - started, 1)}
     gt = dict(zip(queries["query_index"], queries["gt_image"])) if queries["gt_image"].notna().all() else None
     if gt is not None:
-        itc_order = candidates.sort_values(["query_index", "itc"], ascending=[True, False], kind="stable")
-        itc_order["rank"] = itc_order.groupby("query_index").cumcount().astype(np.int32) + 1
-        summary["metrics"] = {"itc": ranking_metrics(itc_order, gt), "final": ranking_metrics(candidates, gt)}
-        write_json(out / "metrics.json", {**summary["metrics"], "itc_weight": summary["itc_weight"]})
+        by_rule = score_rule_metrics(test, ranked, gt, itc_weight, use_itm)
+        summary["metrics"] = {"itc": by_rule["itc"], "final": ranking_metrics(candidates, gt), "by_score": by_rule}
+        write_json(out / "metrics.json", {**summary["metrics"], "score": rule, "itc_weight": summary["itc_weight"]})
         print(f"ITC          {format_metrics(summary['metrics']['itc'])}")
         if use_itm:
-            print(f"ITM+{itc_weight:.1f}*ITC top{summary['k']} {format_metrics(summary['metrics']['final'])}")
+            print(f"{rule} top{summary['k']} {format_metrics(summary['metrics']['final'])}")
     return summary
+
+
+def resolve_score_rule(cfg: InferConfig, model_cfg: model_lib.ModelConfig, use_itm: bool) -> str:
+    """--score, else the preset's default; ITC alone when the model is not re-ranked by ITM."""
+    if not use_itm:
+        if cfg.score not in (None, "itc"):
+            print(f"--score {cfg.score}: this model is ranked without ITM, so by ITC alone")
+        return "itc"
+    return cfg.score or scores_lib.default_rule(model_cfg.preset)
+
+
+def score_rule_metrics(test: TestSet, ranked: dict[str, Any], gt: dict[str, str], itc_weight: float,
+                       use_itm: bool) -> dict[str, dict]:
+    """R@k etc. of the same candidates under every score rule (the ranking written is --score's)."""
+    out = {}
+    for rule in scores_lib.rules_for(use_itm):
+        score = scores_lib.combine(rule, ranked["itc"], ranked["itm_logits"], itc_weight, ranked["itc_range"])
+        order = np.argsort(-score, axis=1, kind="stable")
+        rescored = {**ranked, **{name: np.take_along_axis(ranked[name], order, axis=1) for name in ("index", "itc", "itm")},
+                    "score": np.take_along_axis(score, order, axis=1)}
+        out[rule] = ranking_metrics(to_frames(test, rescored)[0], gt)
+    return out

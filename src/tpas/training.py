@@ -59,6 +59,7 @@ from tpas.data import (
 from tpas.errors import TpasError
 from tpas.io import atomic_path, read_json, write_json
 from tpas.metrics import format_metrics, matrix_metrics
+from tpas.text import CAPTION_CLEANERS, TextPipeline
 
 
 @dataclass
@@ -79,7 +80,19 @@ class TrainConfig:
     weight_decay: float = field(0.01, "AdamW weight decay (not on biases and norms).")
     model: str = field("lite", "Model preset: lite = EfficientNet-Lite0 + MiniLM-L6 (packaged weights); tiny / xvlm-tiny = random, for smoke tests; xvlm-base = Swin-B + BERT-base (weights via --init X-VLM checkpoint); blip-itm / clip = transformers models (--hf-model). See README, Presets.", choices=list(model_lib.PRESETS))
     hf_model: str | None = field(None, "blip-itm / clip presets: a local transformers model dir (or a hub name when online) to start from; default: the preset's hub name.")
-    max_tokens: int = field(70, "Maximum caption length in tokens.")
+    # The text pipeline (tpas.text): each defaults to the preset's, the reference model's own convention.
+    caption_clean: str | None = field(None, "Caption cleaning before tokenization: pre_caption = X-VLM/CMP's (lower-case, "
+                                            "punctuation deleted, first --max-words words), strip = whitespace only "
+                                            "(default: the preset's: pre_caption for xvlm-* and cmp, strip for the others).",
+                                      choices=list(CAPTION_CLEANERS))
+    max_words: int | None = field(None, "Words pre_caption keeps (default: the preset's: 30 as in X-VLM's retrieval configs, 56 for cmp).")
+    trailing_sep: bool | None = field(None, "End each caption with the tokenizer's [SEP] (default: the preset's: no for "
+                                            "xvlm-*, whose X-VLM tokenizer emits [CLS] + words only; yes for the others).")
+    max_tokens: int | None = field(None, "Maximum caption length in token ids, special tokens included (default: the "
+                                         "preset's: 70 lite/tiny, 40 xvlm-*, 56 cmp, 35 blip-itm, 77 clip).")
+    pad_to_max_tokens: bool | None = field(None, "Pad every caption to --max-tokens instead of the batch's longest "
+                                                 "(default: the preset's: yes for cmp, whose text feature pools the "
+                                                 "padded positions; no elsewhere, where padding changes nothing).")
     image_height: int | None = field(None, "Input image height (default: the preset's, 128 for lite).")
     image_width: int | None = field(None, "Input image width (default: the preset's, 64 for lite).")
     fusion_layers: int | None = field(None, "Cross-modal fusion layers, initialised from the text model's top layers (default: the preset's).")
@@ -124,7 +137,9 @@ RUNTIME_FIELDS = ("epochs", "resume", "max_steps", "progress", "workers", "threa
 
 
 def model_config_for(cfg: TrainConfig) -> model_lib.ModelConfig:
-    overrides: dict[str, Any] = {"max_tokens": cfg.max_tokens}
+    # a flag overrides the preset only when given (None = not given)
+    overrides: dict[str, Any] = {name: getattr(cfg, name) for name in model_lib.TEXT_FIELDS
+                                 if getattr(cfg, name) is not None}
     base = model_lib.ModelConfig.from_preset(cfg.model)
     if cfg.image_height or cfg.image_width:
         overrides["image_size"] = (cfg.image_height or base.image_size[0], cfg.image_width or base.image_size[1])
@@ -381,13 +396,13 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         return (self.batches_per_epoch() - self.skip_batches) * self.batch_size
 
 
-def make_collate(tokenizer: Any, max_tokens: int):
+def make_collate(text: TextPipeline):
     def collate(items: list[dict]) -> dict:
         batch = {"images": torch.stack([i["image"] for i in items]), "index": torch.tensor([i["index"] for i in items])}
-        batch.update(model_lib.tokenize(tokenizer, [i["caption"] for i in items], max_tokens))
+        batch.update(text([i["caption"] for i in items]))
         if "hard_image" in items[0]:
             batch["hard_images"] = torch.stack([i["hard_image"] for i in items])
-            hard = model_lib.tokenize(tokenizer, [i["hard_caption"] for i in items], max_tokens)
+            hard = text([i["hard_caption"] for i in items])
             batch["hard_input_ids"], batch["hard_attention_mask"] = hard["input_ids"], hard["attention_mask"]
         return batch
     return collate
@@ -527,8 +542,8 @@ def _describe_report(report: Any) -> str:
 # ---------------------------------------------------------------- validation
 
 @torch.inference_mode()
-def validate(model: model_lib.RetrievalModel, frame: pd.DataFrame, data_root: Path, transform: Any, tokenizer: Any,
-             max_tokens: int, batch_size: int = 64, runtime: Runtime | None = None) -> dict[str, float]:
+def validate(model: model_lib.RetrievalModel, frame: pd.DataFrame, data_root: Path, transform: Any, text: TextPipeline,
+             batch_size: int = 64, runtime: Runtime | None = None) -> dict[str, float]:
     """ITC text→image retrieval over the held-out pairs (gallery = their distinct images)."""
     runtime = runtime or Runtime()
     model.eval()
@@ -541,7 +556,7 @@ def validate(model: model_lib.RetrievalModel, frame: pd.DataFrame, data_root: Pa
             image_feats.append(model.encode_image(batch.to(runtime.device))[1].float())
         captions = frame["caption"].tolist()
         for start in range(0, len(captions), batch_size):
-            tokens = model_lib.tokenize(tokenizer, captions[start:start + batch_size], max_tokens)
+            tokens = text(captions[start:start + batch_size])
             text_feats.append(model.encode_text(tokens["input_ids"].to(runtime.device),
                                                 tokens["attention_mask"].to(runtime.device))[1].float())
     scores = (torch.cat(text_feats) @ torch.cat(image_feats).T).cpu().numpy()
@@ -641,7 +656,7 @@ def _train(cfg: TrainConfig) -> dict:
         with contextlib.nullcontext() if runtime.is_main else contextlib.redirect_stdout(io.StringIO()):
             report = load_init(model, cfg.init)
         say(f"init from {cfg.init}: {_describe_report(report)}")
-    tokenizer = model_lib.build_tokenizer(model_cfg)
+    text = model_lib.build_text_pipeline(model_cfg)
     if checkpoint is None and runtime.is_main:
         write_json(run_dir / "config.json", {"train": cfg, "model": dataclasses.asdict(model_cfg)})
     if cfg.grad_checkpointing:
@@ -693,7 +708,7 @@ def _train(cfg: TrainConfig) -> dict:
         net = torch.compile(net)
     eval_transform = model_lib.image_transform(model_cfg, train=False)
     workers = auto_workers(cfg.workers, runtime.device)
-    loader = make_loader(dataset, sampler, make_collate(tokenizer, cfg.max_tokens), workers, runtime, cfg.seed)
+    loader = make_loader(dataset, sampler, make_collate(text), workers, runtime, cfg.seed)
     model.train()
     stop = False
     for epoch in range(position["epoch"], cfg.epochs):
@@ -731,7 +746,7 @@ def _train(cfg: TrainConfig) -> dict:
         position = {"epoch": epoch + 1, "step_in_epoch": 0, "global_step": position["global_step"],
                     "world_size": runtime.world_size}
         if runtime.is_main:
-            metrics = validate(model, val_frame, cfg.data_root, eval_transform, tokenizer, cfg.max_tokens,
+            metrics = validate(model, val_frame, cfg.data_root, eval_transform, text,
                                runtime=runtime) if len(val_frame) else {}
             history.append({"epoch": epoch + 1, "step": position["global_step"],
                             "loss": float(np.mean(losses)) if losses else None, "val_itc": metrics})

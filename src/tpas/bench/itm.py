@@ -122,8 +122,8 @@ def _data(cfg: ItmBenchConfig, model: model_lib.RetrievalModel, model_key: str,
 
 
 @torch.inference_mode()
-def reference_rank(model: model_lib.RetrievalModel, tokenizer: Any, captions: list[str], image_feat: torch.Tensor,
-                   image_embeds: torch.Tensor, k: int, max_tokens: int, itc_weight: float, text_batch: int = 128,
+def reference_rank(model: model_lib.RetrievalModel, text: Any, captions: list[str], image_feat: torch.Tensor,
+                   image_embeds: torch.Tensor, k: int, itc_weight: float, text_batch: int = 128,
                    trim: bool = False, progress: bool = True) -> dict[str, np.ndarray]:
     """CMP / X-VLM evaluation_itm: per query, its top-k candidates through the cross encoder as one
     batch of k. trim: cut each caption's states to its own length (no padding) first."""
@@ -131,7 +131,7 @@ def reference_rank(model: model_lib.RetrievalModel, tokenizer: Any, captions: li
     index, itc_out, itm_out = [], [], []
     bar = tqdm(total=len(captions), desc="reference" + (" (trimmed)" if trim else ""), disable=not progress, leave=False)
     for start in range(0, len(captions), text_batch):
-        tokens = model_lib.tokenize(tokenizer, captions[start:start + text_batch], max_tokens)
+        tokens = text(captions[start:start + text_batch])
         text_embeds, text_feat = model.encode_text(tokens["input_ids"], tokens["attention_mask"])
         sims = text_feat @ image_feat.T
         for i in range(len(sims)):
@@ -202,20 +202,19 @@ def run_benchmark(cfg: ItmBenchConfig) -> dict[str, Any]:
     model, model_cfg, model_desc, model_key = _load_model(cfg)
     if not fast_itm_lib.supports(model):
         raise TpasError(f"{cfg.run}: the fast ITM path needs a tpas-family model; this run is {model_cfg.family}.")
-    tokenizer = model_lib.build_tokenizer(model_cfg)
+    text = model_lib.build_text_pipeline(model_cfg)
     captions, image_feat, image_embeds, data_desc = _data(cfg, model, model_key, model_cfg)
     itc_weight = 1.0 / float(model.temp.detach())
-    max_tokens = model_cfg.max_tokens
-    lengths = [len(t) for t in tokenizer(captions, truncation=True, max_length=max_tokens)["input_ids"]]
+    lengths = text.lengths(captions)
     print(f"model: {model_desc}\ndata: {data_desc}\n{len(captions)} queries x {len(image_feat)} images, k={cfg.k}, "
           f"{torch.get_num_threads()} threads, load average {info['load_avg_at_start']}")
 
     def ours(n: int, k: int) -> Callable[[], dict[str, np.ndarray]]:
-        return lambda: rank(model, tokenizer, captions[:n], image_feat, image_embeds, k, max_tokens, True, itc_weight,
+        return lambda: rank(model, text, captions[:n], image_feat, image_embeds, k, True, "tpas", itc_weight,
                             cfg.text_batch, cfg.itm_batch, cfg.progress, fast_itm=True)
 
     def reference(n: int, k: int, trim: bool = False) -> Callable[[], dict[str, np.ndarray]]:
-        return lambda: reference_rank(model, tokenizer, captions[:n], image_feat, image_embeds, k, max_tokens,
+        return lambda: reference_rank(model, text, captions[:n], image_feat, image_embeds, k,
                                       itc_weight, cfg.text_batch, trim, cfg.progress)
 
     results: dict[str, Any] = {
@@ -241,8 +240,8 @@ def run_benchmark(cfg: ItmBenchConfig) -> dict[str, Any]:
         methods["reference_trimmed"]["ranking_vs_ours"] = compare_rankings(ranked, trimmed)
     if cfg.generic_queries:
         n = min(cfg.generic_queries, len(captions))
-        _, stats = measure(lambda: rank(model, tokenizer, captions[:n], image_feat, image_embeds, cfg.k, max_tokens,
-                                        True, itc_weight, cfg.text_batch, cfg.itm_batch, cfg.progress, fast_itm=False))
+        _, stats = measure(lambda: rank(model, text, captions[:n], image_feat, image_embeds, cfg.k,
+                                        True, "tpas", itc_weight, cfg.text_batch, cfg.itm_batch, cfg.progress, fast_itm=False))
         methods["rank_no_fast_itm"] = _per_query(stats, n)
     for m in methods.values():
         m["seconds_all_queries"] = round(m["s_per_query"] * len(captions), 1)
@@ -268,7 +267,7 @@ def run_benchmark(cfg: ItmBenchConfig) -> dict[str, Any]:
 
     # the ITC stage versus gallery size, and the image key/value projections of the fast path
     with torch.inference_mode():
-        tokens = model_lib.tokenize(tokenizer, captions, max_tokens)
+        tokens = text(captions)
         text_feat = torch.cat([model.encode_text(tokens["input_ids"][s:s + cfg.text_batch],
                                                  tokens["attention_mask"][s:s + cfg.text_batch])[1]
                                for s in range(0, len(captions), cfg.text_batch)])

@@ -80,7 +80,7 @@ def _worker_pids(loader: torch.utils.data.DataLoader) -> list[int]:
     return [w.pid for w in getattr(iterator, "_workers", [])]
 
 
-def time_setting(cfg: BenchTrainConfig, setting: str, frame: Any, model: model_lib.RetrievalModel, tokenizer: Any,
+def time_setting(cfg: BenchTrainConfig, setting: str, frame: Any, model: model_lib.RetrievalModel, text: Any,
                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, runtime: training.Runtime) -> dict:
     match = SETTING.match(setting)
     if not match:
@@ -99,7 +99,7 @@ def time_setting(cfg: BenchTrainConfig, setting: str, frame: Any, model: model_l
                                                    progress=cfg.progress)
         cache_s, cache_mb = time.perf_counter() - start, dataset.cache.array.nbytes / 2**20
     sampler = training.ResumableSampler(len(dataset), cfg.seed, cfg.batch_size)
-    loader = training.make_loader(dataset, sampler, training.make_collate(tokenizer, model.cfg.max_tokens), workers,
+    loader = training.make_loader(dataset, sampler, training.make_collate(text), workers,
                                   runtime, cfg.seed)
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(runtime.device)
@@ -185,10 +185,10 @@ def run(cfg: BenchTrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model_cfg = model_lib.ModelConfig.from_preset(cfg.model)
     model = model_lib.build_model(model_cfg).to(runtime.device).train()
-    tokenizer = model_lib.build_tokenizer(model_cfg)
+    text = model_lib.build_text_pipeline(model_cfg)
     optimizer = torch.optim.AdamW(model.param_groups(0.01, 1e-4, 5.0), lr=1e-4)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
-    results = [time_setting(cfg, s, frame, model, tokenizer, optimizer, scaler, runtime) for s in cfg.settings]
+    results = [time_setting(cfg, s, frame, model, text, optimizer, scaler, runtime) for s in cfg.settings]
     report = {"config": cfg, "results": results,
               "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(runtime.device),
                           "precision": runtime.precision, "torch": torch.__version__, "python": platform.python_version(),
