@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from tpas.demo import build_demo
+from tpas.errors import TpasError
 from tpas.retrieval import InferConfig, infer
 from tpas.schema import CANDIDATE_COLUMNS, QUERY_COLUMNS
 from tpas.training import TrainConfig, train
@@ -52,7 +53,11 @@ def test_four_scripts_end_to_end(demo: Path, tmp_path: Path) -> None:
     order = (demo / "challenge" / "query_index.txt").read_text().split()
     assert queries["query_index"].tolist() == order
     assert json.loads((out / "infer" / "infer_config.json").read_text())["k"] == 16
-    assert {"itc", "final"} <= set(json.loads((out / "infer" / "metrics.json").read_text()))
+    metrics = json.loads((out / "infer" / "metrics.json").read_text())
+    assert {"itc", "final"} <= set(metrics) and metrics["score"] == "tpas"  # the tiny preset's default rule
+    # the same candidates scored under every rule; the one written is --score's
+    assert set(metrics["by_score"]) == {"xvlm", "cmp", "blip", "log-odds", "tpas", "itc"}
+    assert metrics["by_score"]["tpas"] == metrics["final"] and metrics["by_score"]["itc"] == metrics["itc"]
 
     printed = _run("sca.py", "--input-dir", str(out / "infer"), "--output-dir", str(out / "sca"),
                    "--cache-dir", str(out / "cache")).stdout
@@ -95,3 +100,16 @@ def test_fine_tuning_beats_zero_shot(demo: Path, tmp_path: Path) -> None:
     tuned_map, zero_map = tuned["metrics"]["itc"]["mAP"], zero["metrics"]["itc"]["mAP"]
     # 36 gallery images: a random ranking has mAP ≈ 11.7 (mean of 1/rank).
     assert zero_map < 25 and tuned_map > zero_map + 15, (tuned_map, zero_map)
+
+
+def test_a_query_the_text_pipeline_empties_is_named(demo: Path, tmp_path: Path) -> None:
+    challenge = demo / "challenge"
+    lines = (challenge / "query.json").read_text().splitlines()
+    first = json.loads(lines[1])
+    bad = [lines[0], json.dumps({**first, "caption": "?!"}), *lines[2:]]
+    (challenge / "query_bad.json").write_text("\n".join(bad) + "\n")
+    cfg = InferConfig(data_root=demo, zero_shot=True, model="xvlm-tiny", query_file="query_bad.json", k=10,
+                      output_dir=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    with pytest.raises(TpasError, match=f"query {first['query_index']}: caption '\\?!' is empty once cleaned"):
+        infer(cfg)
+    assert not (tmp_path / "out").exists()

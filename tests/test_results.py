@@ -26,7 +26,7 @@ from tpas.results import (
 )
 from tpas.schema import ground_truth, read_candidates, read_queries
 
-HEADINGS = ["## Wall time of each stage", "## Table 2: zero-shot vs fine-tuned",
+HEADINGS = ["## Wall time of each stage", "## Table 2: zero-shot vs fine-tuned", "## Score rules",
             "## Table 3: training-subset size at equal compute", "## Table 4: post-processing",
             "### zero-shot candidates", "### fine-tuned candidates", "### held-out wording candidates",
             "## Held-out wording", "## Figure 2: ranked lists"]
@@ -95,7 +95,18 @@ def test_numbers_match_the_stage_files(first_run: tuple[ResultsConfig, dict]) ->
     main_run = json.loads((out / "finetuned" / "metrics.json").read_text())
     assert table2["zero-shot, ITC"] == _cells(zero["itc"])
     assert table2["fine-tuned (demo), ITC only"] == _cells(main_run["itc"])
-    assert table2["fine-tuned, ITC top-10 re-ranked by ITM + ITC (default)"] == _cells(main_run["final"])
+    assert table2["fine-tuned, ITC top-10 re-ranked by `--score tpas` (default)"] == _cells(main_run["final"])
+    assert table2["fine-tuned, ITC top-10 re-ranked by ITM alone (log-odds)"] == _cells(main_run["by_score"]["log-odds"])
+
+    rules = _rows(_section(doc, "## Score rules"))
+    rules.pop("rule")  # the header
+    val_run = json.loads((out / "finetuned-val" / "metrics.json").read_text())
+    assert set(rules) == {"`xvlm`", "`cmp`", "`blip`", "`log-odds`", "`tpas` (default)", "`itc`"}
+    for name, row in rules.items():
+        rule = name.split("`")[1]
+        assert row[2:] == [f"{val_run['by_score'][rule]['R@1']:.2f}",
+                           *_cells(main_run["by_score"][rule], ("R@1", "R@5", "R@10"))]
+    assert main_run["by_score"]["tpas"] == main_run["final"]  # the default rule is the ranking written
 
     table3 = _rows(_section(doc, "## Table 3"))
     for n, label in ((40, "40"), (0, "all (208)")):

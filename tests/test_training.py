@@ -115,6 +115,37 @@ def test_bad_image_fails_or_is_skipped(tmp_path: Path) -> None:
     assert summary["skipped"] == 1 and summary["train_pairs"] == 29
 
 
+def test_a_caption_the_text_pipeline_empties_fails_or_is_skipped(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    records = [_record(i, abnormal=i % 2 == 1, video=i // 2) for i in range(30)]
+    records[6]["caption"] = "..."  # nothing left once X-VLM's pre_caption deletes the punctuation
+    write_train(root, records)
+    for r in records:
+        _image(root / r["image"], (200, 40, 40))
+    tiny = {"model": "xvlm-tiny", "subset": 0, "val_size": 0, "max_steps": 1}
+    with pytest.raises(TpasError, match=r"attr_0.json line 7: caption '...' is empty once cleaned.*--caption-clean strip"):
+        train(_cfg(root, tmp_path, name="fail", **tiny))
+    summary = train(_cfg(root, tmp_path, name="skip", on_bad_sample="skip", **tiny))
+    assert summary["skipped"] == 1 and summary["train_pairs"] == 29
+    # the lite/tiny pipeline only strips: "..." is a caption there
+    assert train(_cfg(root, tmp_path, name="tiny", subset=0, val_size=0, max_steps=1))["skipped"] == 0
+
+
+def test_model_flags_override_the_preset_only_when_given(data_root: Path, tmp_path: Path) -> None:
+    for preset, tokens in (("lite", 70), ("xvlm-tiny", 40), ("cmp", 56), ("blip-itm", 35), ("clip", 77)):
+        resolved = training.model_config_for(TrainConfig(model=preset))
+        assert resolved.max_tokens == tokens == model_lib.ModelConfig.from_preset(preset).max_tokens
+    given = training.model_config_for(TrainConfig(model="xvlm-tiny", max_tokens=20, trailing_sep=True,
+                                                  caption_clean="strip", max_words=5, pad_to_max_tokens=True))
+    assert given.text_settings == {"caption_clean": "strip", "max_words": 5, "trailing_sep": True, "max_tokens": 20,
+                                   "pad_to_max_tokens": True}
+    # the pipeline the run trained with is the one saved, and the one infer.py rebuilds
+    train(_cfg(data_root, tmp_path, name="x", model="xvlm-tiny", max_steps=1))
+    saved = json.loads((tmp_path / "x" / "config.json").read_text())["model"]
+    assert {k: saved[k] for k in model_lib.TEXT_FIELDS} == model_lib.ModelConfig.from_preset("xvlm-tiny").text_settings
+    assert load_run_model(tmp_path / "x")[1].text_settings == model_lib.ModelConfig.from_preset("xvlm-tiny").text_settings
+
+
 # ---------------------------------------------------------------- device, precision, loader, flags
 
 @pytest.fixture(autouse=True, scope="module")

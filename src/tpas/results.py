@@ -44,6 +44,7 @@ from scipy.stats import binomtest
 
 from tpas import figures
 from tpas import model as model_lib
+from tpas import scores as scores_lib
 from tpas.cli import config_command, field
 from tpas.data import ensure_data
 from tpas.demo import COMPLETE_MARKER, build_demo, demo_is_complete
@@ -52,7 +53,13 @@ from tpas.io import json_default, read_json, write_json, write_parquet, write_te
 from tpas.metrics import ranking_metrics
 from tpas.retrieval import InferConfig, infer
 from tpas.schema import ground_truth, read_candidates, read_queries
-from tpas.training import TrainConfig, find_checkpoint, train
+from tpas.training import (
+    MODEL_FLAGS,
+    TrainConfig,
+    find_checkpoint,
+    model_config_for,
+    train,
+)
 
 STAGE_FILE = "stage.json"
 # Fields that change where or how fast something runs, never what it computes.
@@ -240,11 +247,15 @@ def _newest_mtime(run_dir: Path) -> float:
 def _stage_train(stages: Stages, tcfg: TrainConfig, what: str) -> dict:
     """Reuse a finished run with the same settings, resume an interrupted one, or train it."""
     run_dir = Path(tcfg.runs_dir) / tcfg.name
-    want = config_key(tcfg)
+    # the model flags are compared as what they resolved to (a flag left to the preset is None)
+    want = {k: v for k, v in config_key(tcfg).items() if k not in MODEL_FLAGS}
+    want_model = _plain(dataclasses.asdict(model_config_for(tcfg)))
     stage = f"train/{tcfg.name}"
     if (run_dir / "config.json").is_file():
-        saved = read_json(run_dir / "config.json").get("train", {})
-        differ = config_differences(saved, want)
+        saved_config = read_json(run_dir / "config.json")
+        saved = {k: v for k, v in saved_config.get("train", {}).items() if k not in MODEL_FLAGS}
+        differ = config_differences(saved, want) + [f"model.{k}" for k in
+                                                    config_differences(saved_config.get("model", {}), want_model)]
         if differ:
             raise TpasError(f"{run_dir}: holds a run trained with other settings ({', '.join(sorted(differ))}); "
                             f"delete or rename it, or pass another --runs-dir.")
@@ -472,16 +483,6 @@ def _machine() -> str:
     return f"{cores} CPU cores ({cpu}), {gpu}; Python {platform.python_version()}, torch {torch_version}"
 
 
-def _itm_alone(stage_dir: Path, gt: dict[str, str]) -> dict | None:
-    """The ITC top-k re-ranked by the ITM score alone (X-VLM's rule), from the candidates file."""
-    candidates = read_candidates(stage_dir)
-    if candidates["itm"].isna().all():
-        return None
-    order = candidates.sort_values(["query_index", "itm"], ascending=[True, False], kind="stable").copy()
-    order["rank"] = order.groupby("query_index").cumcount().astype(np.int32) + 1
-    return ranking_metrics(order, gt)
-
-
 def _metric_cells(m: dict, keys: tuple[str, ...] = METRIC_KEYS) -> list[str]:
     return [_f(m.get(k)) for k in keys]
 
@@ -505,7 +506,7 @@ def _section_table2(cfg: ResultsConfig, out: Path) -> tuple[str, dict]:
     if gt is None:
         raise TpasError(f"{cfg.data_root}: its test queries have no ground truth (query_gt.json); the results page "
                         f"needs a test set with known answers, such as the demo set.")
-    itm = _itm_alone(out / "finetuned", gt)
+    itm = main.get("by_score", {}).get("log-odds")
     gallery = len(pd.read_parquet(out / "finetuned" / "gallery.parquet"))
     n = int(main["final"]["queries"])
     chance = {"R@1": 100 / gallery, "R@5": 500 / gallery, "R@10": 1000 / gallery}
@@ -513,8 +514,9 @@ def _section_table2(cfg: ResultsConfig, out: Path) -> tuple[str, dict]:
             ["zero-shot, ITC", *_metric_cells(zero["itc"])],
             [f"fine-tuned ({cfg.main_name}), ITC only", *_metric_cells(main["itc"])]]
     if itm is not None:
-        rows.append([f"fine-tuned, ITC top-{cfg.k} re-ranked by ITM alone", *_metric_cells(itm)])
-    rows.append([f"fine-tuned, ITC top-{cfg.k} re-ranked by ITM + ITC (default)", *_metric_cells(main["final"])])
+        rows.append([f"fine-tuned, ITC top-{cfg.k} re-ranked by ITM alone (log-odds)", *_metric_cells(itm)])
+    rows.append([f"fine-tuned, ITC top-{cfg.k} re-ranked by `--score {main.get('score', 'tpas')}` (default)",
+                 *_metric_cells(main["final"])])
     z, f_itc, f_final = zero["itc"]["R@1"], main["itc"]["R@1"], main["final"]["R@1"]
     se = _std_err(f_final, n)
     verb = "raises" if f_final > z else "lowers" if f_final < z else "leaves"
@@ -826,11 +828,46 @@ def _section_timing(records: list[StageRecord], wall: float) -> str:
               f"counting the time it took when it ran). This invocation took {_fmt_seconds(wall)}.\n")
 
 
+SCORE_RULE_SOURCES = {
+    "xvlm": "X-VLM `Retrieval.py` `evaluation`", "cmp": "CMP `CMP_Baseline_Code/eval.py`",
+    "blip": "BLIP `train_retrieval.py` `evaluation`", "log-odds": "the head's log-odds", "tpas": "tpas (ITM log-odds + ITC logit)",
+    "itc": "ITC alone"}
+
+
+def _section_score_rules(cfg: ResultsConfig, out: Path) -> str:
+    """The same candidates ranked under every score rule (infer's metrics.json by_score), val and test."""
+    val = read_json(out / "finetuned-val" / "metrics.json")
+    test = read_json(out / "finetuned" / "metrics.json")
+    if "by_score" not in val or "by_score" not in test:
+        return ""
+    default = test.get("score")
+    best_val = max(val["by_score"], key=lambda rule: val["by_score"][rule]["R@1"])
+    rows = []
+    for rule in scores_lib.SCORE_RULES:
+        if rule not in test["by_score"]:
+            continue
+        t, v = test["by_score"][rule], val["by_score"][rule]
+        name = f"`{rule}`" + (" (default)" if rule == default else "")
+        rows.append([name, scores_lib.FORMULAS[rule], SCORE_RULE_SOURCES[rule], _f(v["R@1"]), _f(t["R@1"]),
+                     _f(t["R@5"]), _f(t["R@10"])])
+    n_val, n_test = int(val["final"]["queries"]), int(test["final"]["queries"])
+    verdict = ("the default is the rule with the best validation R@1" if best_val == default else
+               f"`{best_val}` has the best validation R@1, not the default `{default}`")
+    return (f"## Score rules\n\nThe fine-tuned run's ITC top-{cfg.k} ranked by each `infer.py --score` rule "
+            f"(`tpas.scores`; l1/l0 = the ITM head's match/no-match logit, ITC = cosine similarity); validation: "
+            f"`{cfg.val_root}` ({n_val:,} queries), test: {n_test:,} queries. Every row ranks the same candidates, "
+            f"so R@{cfg.k} is the same for all.\n\n"
+            + _table(["rule", "score", "reference", "val R@1", "test R@1", "test R@5", "test R@10"], rows)
+            + f"\n\n**What this shows.** On validation, {verdict}. The standard error of an R@1 near "
+              f"{_f(test['final']['R@1'])} is {_std_err(test['final']['R@1'], n_test):.2f} points on the test set.\n")
+
+
 def write_report(cfg: ResultsConfig, records: list[StageRecord], wall: float) -> str:
     """Build docs/results.md from the stage files and write it (and its pictures) atomically."""
     out = cfg.output_dir
     pictures = cfg.doc.parent / "results"
     table2, _ = _section_table2(cfg, out)
+    score_rules = _section_score_rules(cfg, out)
     table3 = _section_table3(cfg, out, pictures)
     post = {s: read_json(out / f"post-{s}" / "post.json") for s, _ in SOURCES if (out / f"post-{s}" / "post.json").is_file()}
     tuned = {name: read_json(out / name / "tuned.json") for name in ("tune-zero-shot", "tune-finetuned")
@@ -845,7 +882,7 @@ def write_report(cfg: ResultsConfig, records: list[StageRecord], wall: float) ->
               f"`{cfg.output_dir}/` (re-running it redoes only the stages whose settings changed). Machine: "
               f"{_machine()}. Model preset `{cfg.model}`; main run `{cfg.runs_dir / cfg.main_name}` "
               f"({cfg.main_subset or 'all'} pairs, {_plural(cfg.main_epochs, 'epoch')}); seed {cfg.seed}.\n")
-    text = "\n".join([header, _section_timing(records, wall), table2, table3, table4, heldout, figure])
+    text = "\n".join([header, _section_timing(records, wall), table2, score_rules, table3, table4, heldout, figure])
     write_text(cfg.doc, text)
     return text
 

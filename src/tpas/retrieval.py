@@ -326,6 +326,8 @@ def infer(cfg: InferConfig) -> dict:
     model, model_cfg, model_key = _load_model(cfg)
     model.to(device)
     text = model_lib.build_text_pipeline(model_cfg)
+    captions = test.queries["caption"].tolist()
+    text.check(captions, [f"query {q}" for q in test.queries["query_index"]], f"{test.root} ({test.source} queries)")
     transform = model_lib.image_transform(model_cfg, train=False)
     use_itm = uses_itm(cfg, model, model_cfg)
     image_feat, image_embeds, from_cache = cached_gallery(model, test.gallery["path"].tolist(), transform, cfg, model_key,
@@ -334,8 +336,6 @@ def infer(cfg: InferConfig) -> dict:
     # Both heads give logits: the ITC one is similarity / temperature, so by default they add up.
     itc_weight = cfg.itc_weight if cfg.itc_weight is not None else 1.0 / float(model.temp.detach())
     rule = resolve_score_rule(cfg, model_cfg, use_itm)
-    captions = test.queries["caption"].tolist()
-    text.check(captions, [f"query {q}" for q in test.queries["query_index"]], f"{test.root} ({test.source} queries)")
     ranked = rank(model, text, captions, image_feat, image_embeds, cfg.k, use_itm, rule, itc_weight,
                   cfg.text_batch, cfg.itm_batch, cfg.progress, cfg.fast_itm, precision, cfg.gallery_index, cfg.nprobe)
     candidates, queries = to_frames(test, ranked)

@@ -3,8 +3,9 @@
 A stage directory (outputs/<stage>/) holds:
 - candidates.parquet: one row per (query, candidate), sorted by query order then rank.
     query_index str, rank int32 (1 = best), image str (gallery name, no extension),
-    itc float32 (contrastive similarity), itm float32 (matching score, NaN when not re-ranked),
-    score float32 (the score the rank was sorted by; higher is better).
+    itc float32 (contrastive cosine similarity), itm float32 (ITM log-odds: match minus no-match
+    logit; NaN when not re-ranked), score float32 (the score the rank was sorted by, under
+    infer.py --score's rule, tpas.scores; higher is better).
 - queries.parquet: one row per query, in answer order.
     query_index str, position int32 (0-based answer order), caption str,
     gt_image str or null (ground truth, when known).

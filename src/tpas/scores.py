@@ -28,6 +28,8 @@ import numpy as np
 from tpas.errors import TpasError
 
 SCORE_RULES = ("xvlm", "cmp", "blip", "log-odds", "tpas", "itc")
+FORMULAS = {"xvlm": "l1", "cmp": "minmax(l1) + 0.002 minmax(ITC)", "blip": "l1 + ITC", "log-odds": "l1 - l0",
+            "tpas": "l1 - l0 + ITC / temp", "itc": "ITC"}
 CMP_ITC_WEIGHT = 0.002  # CMP eval.py: ITM + 0.002 * ITC, both min-max normalised
 
 # Which rule a preset ranks by unless --score says otherwise: the reference's own for the models

@@ -136,6 +136,11 @@ RUNTIME_FIELDS = ("epochs", "resume", "max_steps", "progress", "workers", "threa
                   "grad_checkpointing", "image_cache")
 
 
+# TrainConfig fields that only override the preset's ModelConfig (None = the preset's value); what
+# they resolve to is saved in config.json's "model".
+MODEL_FLAGS = (*model_lib.TEXT_FIELDS, "image_height", "image_width", "fusion_layers", "embed_dim", "hf_model")
+
+
 def model_config_for(cfg: TrainConfig) -> model_lib.ModelConfig:
     # a flag overrides the preset only when given (None = not given)
     overrides: dict[str, Any] = {name: getattr(cfg, name) for name in model_lib.TEXT_FIELDS
@@ -594,6 +599,24 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path, resumed: dict | None) -> tupl
     return train, val, len(problems)
 
 
+def _readable_captions(part: pd.DataFrame, text: TextPipeline, cfg: TrainConfig) -> tuple[pd.DataFrame, int]:
+    """`part` less the captions the model's text pipeline cleans to nothing (X-VLM's pre_caption
+    leaves nothing of "..."), or a TpasError naming the first one with --on-bad-sample fail."""
+    keep = []
+    for caption in part["caption"]:
+        try:
+            text.clean(caption)
+            keep.append(True)
+        except ValueError:
+            keep.append(False)
+    bad = [i for i, ok in enumerate(keep) if not ok]
+    if bad and cfg.on_bad_sample == "fail":
+        row = part.iloc[bad[0]]
+        where = f"{row['file']} line {row['line']}" if "file" in part and "line" in part else f"pair {row['image_id']}"
+        text.check([row["caption"]], [where], str(cfg.data_root))
+    return part[keep].reset_index(drop=True), len(bad)
+
+
 def _resolved_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     """The saved config of the run being resumed, with this command's runtime settings."""
     saved = read_json(run_dir / "config.json")["train"]
@@ -642,6 +665,11 @@ def _train(cfg: TrainConfig) -> dict:
     if not runtime.is_main:  # the pairs rank 0 chose (and checked)
         train_frame, val_frame, skipped = _prepare_data(cfg, run_dir, read_json(run_dir / "subset.json"))
     per_step = cfg.batch_size * runtime.world_size * cfg.grad_accum
+    model_cfg = model_config_for(cfg)
+    text = model_lib.build_text_pipeline(model_cfg)
+    train_frame, bad_train = _readable_captions(train_frame, text, cfg)
+    val_frame, bad_val = _readable_captions(val_frame, text, cfg)
+    skipped += bad_train + bad_val
     if len(train_frame) < per_step:
         raise TpasError(f"{cfg.data_root}: only {len(train_frame)} usable training pairs, fewer than one optimizer step takes "
                         f"(--batch-size {cfg.batch_size} x {runtime.world_size} processes x --grad-accum {cfg.grad_accum}).")
@@ -649,14 +677,12 @@ def _train(cfg: TrainConfig) -> dict:
         say(f"skipped {skipped} bad sample(s) (--on-bad-sample skip)")
 
     torch.manual_seed(cfg.seed)
-    model_cfg = model_config_for(cfg)
     model = model_lib.build_model(model_cfg)
     if cfg.init is not None and checkpoint is None:
         # every rank loads (DDP would broadcast rank 0's anyway); only rank 0 reports
         with contextlib.nullcontext() if runtime.is_main else contextlib.redirect_stdout(io.StringIO()):
             report = load_init(model, cfg.init)
         say(f"init from {cfg.init}: {_describe_report(report)}")
-    text = model_lib.build_text_pipeline(model_cfg)
     if checkpoint is None and runtime.is_main:
         write_json(run_dir / "config.json", {"train": cfg, "model": dataclasses.asdict(model_cfg)})
     if cfg.grad_checkpointing:
