@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from tpas.errors import TpasError
 
@@ -66,20 +67,42 @@ def _option_for(f: dataclasses.Field, tp: Any) -> Callable:
     return click.option(_flag(f.name), type=ptype, default=default, show_default=default is not None, help=help_text)
 
 
+GIVEN_ATTR = "_given_flags"  # set on a config built from a command line: the fields given there
+
+
+def given_fields(config: Any) -> set[str]:
+    """The fields of `config` its user set: the flags given on the command line when it came from
+    one (click's parameter source), else (built in Python) those that differ from the defaults."""
+    given = getattr(config, GIVEN_ATTR, None)
+    if given is not None:
+        return set(given)
+    defaults = type(config)()
+    return {f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(defaults, f.name)}
+
+
+def with_given(config: T, given: set[str]) -> T:
+    """Mark which fields of `config` were given (see given_fields); returns config."""
+    object.__setattr__(config, GIVEN_ATTR, frozenset(given))
+    return config
+
+
 def config_command(config_cls: type[T], help: str) -> Callable[[Callable[[T], Any]], click.Command]:
     """Decorator: turn `fn(config)` into a click command whose options are the config's fields."""
     hints = typing.get_type_hints(config_cls)
 
     def decorate(fn: Callable[[T], Any]) -> click.Command:
         def callback(**kwargs: Any) -> None:
-            values = {}
+            context = click.get_current_context()
+            values, given = {}, set()
             for f in dataclasses.fields(config_cls):  # type: ignore[arg-type]
                 value = kwargs[f.name]
                 if typing.get_origin(_strip_optional(hints[f.name])[0]) is list:
                     value = list(value)
                 values[f.name] = value
-            config = config_cls(**values)
-            run_cli(lambda: fn(config))
+                if context.get_parameter_source(f.name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+                    given.add(f.name)
+            # built inside the handler: a bad value (a TpasError from __post_init__) is one sentence too
+            run_cli(lambda: fn(with_given(config_cls(**values), given)))
 
         command = callback
         for f in reversed(dataclasses.fields(config_cls)):  # type: ignore[arg-type]
