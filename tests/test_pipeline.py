@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -111,5 +112,23 @@ def test_a_query_the_text_pipeline_empties_is_named(demo: Path, tmp_path: Path) 
     cfg = InferConfig(data_root=demo, zero_shot=True, model="xvlm-tiny", query_file="query_bad.json", k=10,
                       output_dir=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
     with pytest.raises(TpasError, match=f"query {first['query_index']}: caption '\\?!' is empty once cleaned"):
+        infer(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_scores_are_refused_not_written(demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tpas import retrieval
+
+    real_rank = retrieval.rank
+
+    def damaged(*args, **kwargs):
+        ranked = real_rank(*args, **kwargs)
+        ranked["score"][3] = np.nan  # what damaged or diverged weights give
+        return ranked
+
+    monkeypatch.setattr(retrieval, "rank", damaged)
+    cfg = InferConfig(data_root=demo, zero_shot=True, model="tiny", k=10, output_dir=tmp_path / "out",
+                      cache_dir=tmp_path / "cache", progress=False)
+    with pytest.raises(TpasError, match=r"scored 1 of 24 queries with NaN or infinity \(first: query"):
         infer(cfg)
     assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -13,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 from fakes import _image, _record, write_train
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torchvision import transforms as T
 
 from tpas import model as model_lib
 from tpas import training
+from tpas.cli import with_given
 from tpas.errors import TpasError
 from tpas.text import TextPipeline
 from tpas.training import (
@@ -68,6 +70,78 @@ def test_resume_continues_exactly(data_root: Path, tmp_path: Path) -> None:
     assert h1 == h2
 
 
+def _plain(cfg: TrainConfig, *flags: str) -> TrainConfig:
+    """cfg as the command line would give it when only `flags` are typed (the rest are defaults)."""
+    return with_given(cfg, set(flags))
+
+
+def test_a_plain_resume_keeps_the_saved_epochs_and_schedule(data_root: Path, tmp_path: Path, capsys) -> None:
+    train(_cfg(data_root, tmp_path, name="straight", epochs=3))
+    train(_cfg(data_root, tmp_path, name="cut", epochs=3, max_steps=4))
+    # `train.py --resume --name cut ...`: --epochs not typed, so its default (3 here too, but see
+    # below) must not replace the saved value
+    resumed = _plain(_cfg(data_root, tmp_path, name="cut", epochs=TrainConfig().epochs + 4, resume=True),
+                     "data_root", "runs_dir", "name", "resume", "model", "subset", "val_size", "batch_size")
+    summary = train(resumed)
+    straight, cut = _weights(tmp_path / "straight"), _weights(tmp_path / "cut")
+    assert summary["steps"] == 9 and all(torch.equal(straight[k], cut[k]) for k in straight)
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_resume_refuses_a_flag_that_changes_the_run_and_notes_a_longer_one(data_root: Path, tmp_path: Path,
+                                                                         capsys) -> None:
+    train(_cfg(data_root, tmp_path, name="r", epochs=1, max_steps=2))
+    with pytest.raises(TpasError, match=r"--lr 0.5 \(saved: 0.0001\) would change it; drop that flag"):
+        train(_plain(_cfg(data_root, tmp_path, name="r", resume=True, lr=0.5), "resume", "lr"))
+    summary = train(_plain(_cfg(data_root, tmp_path, name="r", resume=True, epochs=2), "resume", "epochs"))
+    assert "note: --epochs 2 given: the run was started with 1" in capsys.readouterr().out
+    assert summary["steps"] == 6  # 2 epochs x 3 steps
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())["train"]
+    assert saved["epochs"] == 2  # the next plain --resume keeps the longer run
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again(data_root: Path, tmp_path: Path, capsys) -> None:
+    train(_cfg(data_root, tmp_path, name="straight", max_steps=1, save_every=0))
+    run = tmp_path / "early"
+    train(_cfg(data_root, tmp_path, name="early", max_steps=1, save_every=0))
+    shutil.rmtree(run / "checkpoint")  # as if killed before the first save
+    (run / "model.safetensors").unlink()
+    (run / "stray.tmp").write_text("half")
+    with pytest.raises(TpasError, match="exists; pass --resume"):
+        train(_cfg(data_root, tmp_path, name="early", max_steps=1, save_every=0))
+    train(_plain(_cfg(data_root, tmp_path, name="early", max_steps=1, save_every=0, resume=True), "resume"))
+    assert "stopped before its first checkpoint; starting it again" in capsys.readouterr().out
+    assert not (run / "stray.tmp").exists()
+    a, b = _weights(tmp_path / "straight"), _weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_config_json_records_the_epochs_a_step_budget_resolved_to(data_root: Path, tmp_path: Path) -> None:
+    train(_cfg(data_root, tmp_path, name="budget", steps=5))  # 3 steps per epoch
+    saved = json.loads((tmp_path / "budget" / "config.json").read_text())["train"]
+    assert saved["steps"] == 5 and saved["epochs"] == 2
+
+
+def test_damaged_weights_are_refused_not_ranked(data_root: Path, tmp_path: Path) -> None:
+    train(_cfg(data_root, tmp_path, name="w", max_steps=1))
+    path = tmp_path / "w" / "model.safetensors"
+    good = path.read_bytes()
+    data = bytearray(good)
+    for i in range(len(data) - 4000, len(data) - 3000):  # tensor bytes, not the header
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(TpasError, match="weights are corrupted .*checksum"):
+        load_run_model(tmp_path / "w")
+    # a file saved before checksums: NaN weights are refused at least
+    state = load_file(str(tmp_path / "w" / "checkpoint" / "model.safetensors"))
+    state[next(k for k, v in state.items() if v.is_floating_point())].fill_(float("nan"))
+    save_file(state, str(path))
+    with pytest.raises(TpasError, match="holds NaN or infinite values"):
+        load_run_model(tmp_path / "w")
+    path.write_bytes(good)
+    load_run_model(tmp_path / "w")
+
+
 def test_same_seed_same_subset_other_seed_differs(data_root: Path, tmp_path: Path) -> None:
     train(_cfg(data_root, tmp_path, name="s0", max_steps=1))
     train(_cfg(data_root, tmp_path, name="s0b", max_steps=1))
@@ -99,7 +173,7 @@ def test_existing_run_is_not_overwritten(data_root: Path, tmp_path: Path) -> Non
     train(_cfg(data_root, tmp_path, name="once", max_steps=1))
     with pytest.raises(TpasError, match="exists; pass --resume"):
         train(_cfg(data_root, tmp_path, name="once", max_steps=1))
-    with pytest.raises(TpasError, match="no checkpoint to resume"):
+    with pytest.raises(TpasError, match="no run to resume here"):
         train(_cfg(data_root, tmp_path, name="never", resume=True))
 
 

@@ -338,6 +338,12 @@ def infer(cfg: InferConfig) -> dict:
     rule = resolve_score_rule(cfg, model_cfg, use_itm)
     ranked = rank(model, text, captions, image_feat, image_embeds, cfg.k, use_itm, rule, itc_weight,
                   cfg.text_batch, cfg.itm_batch, cfg.progress, cfg.fast_itm, precision, cfg.gallery_index, cfg.nprobe)
+    broken = ~np.isfinite(ranked["score"]).all(axis=1)
+    if broken.any():
+        first = test.queries["query_index"].iloc[int(np.flatnonzero(broken)[0])]
+        raise TpasError(f"{'the --zero-shot model' if cfg.zero_shot else cfg.run}: the model scored {int(broken.sum())} of "
+                        f"{len(broken)} queries with NaN or infinity (first: query {first}); its weights are damaged or "
+                        f"diverged: restore them or re-train.")
     candidates, queries = to_frames(test, ranked)
     out = Path(cfg.output_dir)
     write_parquet(out / CANDIDATES_FILE, candidates)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import math
 import os
@@ -38,6 +39,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -46,7 +48,7 @@ from tqdm import tqdm
 
 from tpas import distributed
 from tpas import model as model_lib
-from tpas.cli import field
+from tpas.cli import field, given_fields
 from tpas.data import (
     check_images,
     ensure_data,
@@ -130,10 +132,16 @@ class TrainConfig:
             raise TpasError(f"--batch-size must be at least 1; got {self.batch_size}.")
 
 
-# Settings that only change how (not what) a resumed run computes: the command line wins over
-# the saved config for these.
-RUNTIME_FIELDS = ("epochs", "resume", "max_steps", "progress", "workers", "threads", "device", "compile",
-                  "grad_checkpointing", "image_cache")
+# How a resume treats this command's flags (tpas.cli.given_fields tells a given flag from a default):
+# - how, not what, the run computes: this command's value, given or not;
+RUNTIME_FIELDS = ("resume", "max_steps", "progress", "workers", "threads", "device", "compile",
+                  "grad_checkpointing", "image_cache", "save_every")
+# - where things are (the data may have moved; --init is superseded by the checkpoint): given ones
+#   are used, with a note when they differ;
+LOCATION_FIELDS = ("data_root", "runs_dir", "name", "init")
+# - the length of the run: a given one extends (or shortens) it, with a note on the schedule;
+SCHEDULE_FIELDS = ("epochs", "steps")
+# - everything else is what the run is: the saved value; a given one that differs is refused.
 
 
 # TrainConfig fields that only override the preset's ModelConfig (None = the preset's value); what
@@ -438,19 +446,43 @@ def make_loader(dataset: PairDataset, sampler: ResumableSampler, collate: Any, w
 
 # ---------------------------------------------------------------- checkpoints
 
+DIGEST_KEY = "tpas_sha256"  # safetensors metadata: a digest of every tensor, checked on load
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().contiguous().cpu()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata or {})
+        save_file(state, str(tmp), metadata={**(metadata or {}), DIGEST_KEY: weights_digest(state)})
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load our own safetensors weights, refusing a file whose bytes changed since it was saved
+    (safetensors itself only checks the header: flipped bytes load and give NaN scores)."""
     if not path.is_file():
         raise TpasError(f"{path}: no weights here; train first (python train.py) or check --run.")
     try:
         state = load_file(str(path))
+        with safe_open(str(path), "pt") as fh:
+            recorded = (fh.metadata() or {}).get(DIGEST_KEY)
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
         raise TpasError(f"{path}: not a readable safetensors file ({exc}); re-train or restore it.") from None
+    if recorded is not None and recorded != weights_digest(state):
+        raise TpasError(f"{path}: the weights are corrupted (their checksum no longer matches the one saved with them); "
+                        f"restore the file or re-train.")
+    if recorded is None:  # saved before checksums: at least refuse what can only be damage
+        bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise TpasError(f"{path}: tensor {bad} holds NaN or infinite values (a damaged file?); restore it or re-train.")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise TpasError(f"{path}: weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
@@ -617,14 +649,50 @@ def _readable_captions(part: pd.DataFrame, text: TextPipeline, cfg: TrainConfig)
     return part[keep].reset_index(drop=True), len(bad)
 
 
-def _resolved_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
-    """The saved config of the run being resumed, with this command's runtime settings."""
-    saved = read_json(run_dir / "config.json")["train"]
-    saved.update({name: getattr(cfg, name) for name in RUNTIME_FIELDS})
+def _resolved_config(cfg: TrainConfig, run_dir: Path, given: set[str]) -> tuple[TrainConfig, list[str]]:
+    """The saved config of the run being resumed, with this command's runtime settings and the
+    flags it was given (see the *_FIELDS above), and the notes to print. A TpasError when a given
+    flag would change what the run is."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    saved = {k: v for k, v in saved.items() if k in known}
-    paths = {k: Path(saved[k]) for k in ("data_root", "runs_dir", "init") if saved.get(k)}
-    return TrainConfig(**{**saved, **paths})
+    saved = {k: v for k, v in read_json(run_dir / "config.json")["train"].items() if k in known}
+    for key in ("data_root", "runs_dir", "init"):
+        if saved.get(key):
+            saved[key] = Path(saved[key])
+    merged = TrainConfig(**saved)
+    notes, refused = [], []
+    for name in sorted(known):
+        mine, theirs = getattr(cfg, name), getattr(merged, name)
+        if name in RUNTIME_FIELDS:
+            setattr(merged, name, mine)
+        elif name not in given or mine == theirs:
+            continue
+        elif name == "init":
+            notes.append(f"--init {mine} is ignored: the run resumes from its own checkpoint")
+        elif name in LOCATION_FIELDS:
+            notes.append(f"--{name.replace('_', '-')} {mine} (the run was started with {theirs})")
+            setattr(merged, name, mine)
+        elif name in SCHEDULE_FIELDS:
+            notes.append(f"--{name} {mine} given: the run was started with {theirs}, and its learning-rate schedule now "
+                         f"decays over the new length, so it will not match a run started with --{name} {mine}")
+            setattr(merged, name, mine)
+            if name == "epochs" and "steps" not in given:
+                merged.steps = None  # --epochs replaces a saved step budget
+        else:
+            refused.append(f"--{name.replace('_', '-')} {mine} (saved: {theirs})")
+    if refused:
+        raise TpasError(f"{run_dir}: --resume continues the run as it was started, but {', '.join(refused)} would change "
+                        f"it; drop {'that flag' if len(refused) == 1 else 'those flags'}, or start a new run with --name.")
+    merged.__post_init__()
+    return merged, notes
+
+
+def _clear_run(run_dir: Path) -> None:
+    """Empty a run dir that never reached a checkpoint (its config.json and subset.json are rewritten)."""
+    for path in run_dir.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -639,18 +707,30 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig) -> dict:
+    given = given_fields(cfg)
     run_dir = Path(cfg.runs_dir) / cfg.name
+    started_before = (run_dir / "config.json").is_file()
     checkpoint = find_checkpoint(run_dir) if cfg.resume else None
-    if cfg.resume and checkpoint is None:
-        raise TpasError(f"{run_dir}: no checkpoint to resume from; drop --resume to start a new run.")
-    if checkpoint is None and (run_dir / "config.json").exists():
-        raise TpasError(f"{run_dir}: a run with this name exists; pass --resume to continue it or --name for a new one.")
-    resumed_subset = None
-    if checkpoint is not None:
-        cfg = _resolved_config(cfg, run_dir)
-        resumed_subset = read_json(run_dir / "subset.json")
+    if cfg.resume and not started_before:
+        raise TpasError(f"{run_dir}: no run to resume here; drop --resume to start a new run.")
+    if not cfg.resume and started_before:
+        raise TpasError(f"{run_dir}: a run with this name exists; pass --resume to continue it (a run that stopped "
+                        f"before its first checkpoint starts again) or --name for a new one.")
+    notes: list[str] = []
+    saved_model = None
+    if cfg.resume:
+        cfg, notes = _resolved_config(cfg, run_dir, given)
+        # the model (and its text pipeline) is what the run was built with, whatever the preset says today
+        saved_model = model_lib.ModelConfig.from_dict(read_json(run_dir / "config.json")["model"])
+    resumed_subset = read_json(run_dir / "subset.json") if checkpoint is not None else None
     runtime = resolve_runtime(cfg.device, cfg.precision)
     say = print if runtime.is_main else (lambda *args, **kwargs: None)
+    for note in notes:
+        say(f"note: {note}")
+    if cfg.resume and checkpoint is None:
+        say(f"{run_dir}: stopped before its first checkpoint; starting it again from step 0 with its saved settings")
+        if runtime.is_main:
+            _clear_run(run_dir)
     runtime.barrier()  # every rank has seen the run dir as it was before rank 0 writes into it
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -665,11 +745,15 @@ def _train(cfg: TrainConfig) -> dict:
     if not runtime.is_main:  # the pairs rank 0 chose (and checked)
         train_frame, val_frame, skipped = _prepare_data(cfg, run_dir, read_json(run_dir / "subset.json"))
     per_step = cfg.batch_size * runtime.world_size * cfg.grad_accum
-    model_cfg = model_config_for(cfg)
+    model_cfg = saved_model or model_config_for(cfg)
     text = model_lib.build_text_pipeline(model_cfg)
     train_frame, bad_train = _readable_captions(train_frame, text, cfg)
     val_frame, bad_val = _readable_captions(val_frame, text, cfg)
     skipped += bad_train + bad_val
+    if cfg.steps:  # a step budget: enough epochs to hold it, the last one cut short
+        budget_epoch = ResumableSampler(len(train_frame), cfg.seed, cfg.batch_size, runtime.rank, runtime.world_size,
+                                           cfg.grad_accum).batches_per_epoch() // cfg.grad_accum
+        cfg = dataclasses.replace(cfg, epochs=math.ceil(cfg.steps / max(1, budget_epoch)))
     if len(train_frame) < per_step:
         raise TpasError(f"{cfg.data_root}: only {len(train_frame)} usable training pairs, fewer than one optimizer step takes "
                         f"(--batch-size {cfg.batch_size} x {runtime.world_size} processes x --grad-accum {cfg.grad_accum}).")
@@ -683,7 +767,7 @@ def _train(cfg: TrainConfig) -> dict:
         with contextlib.nullcontext() if runtime.is_main else contextlib.redirect_stdout(io.StringIO()):
             report = load_init(model, cfg.init)
         say(f"init from {cfg.init}: {_describe_report(report)}")
-    if checkpoint is None and runtime.is_main:
+    if runtime.is_main:  # on a resume too: a longer --epochs must survive the next resume
         write_json(run_dir / "config.json", {"train": cfg, "model": dataclasses.asdict(model_cfg)})
     if cfg.grad_checkpointing:
         try:
@@ -697,8 +781,6 @@ def _train(cfg: TrainConfig) -> dict:
         dataset.cache = _image_cache(cfg, dataset, transform, run_dir, runtime)
     sampler = ResumableSampler(len(dataset), cfg.seed, cfg.batch_size, runtime.rank, runtime.world_size, cfg.grad_accum)
     steps_per_epoch = sampler.batches_per_epoch() // cfg.grad_accum
-    if cfg.steps:  # a step budget: enough epochs to hold it, the last one cut short
-        cfg = dataclasses.replace(cfg, epochs=math.ceil(cfg.steps / steps_per_epoch))
     total_steps = cfg.steps or steps_per_epoch * cfg.epochs
     model.to(runtime.device)
     optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay, cfg.lr, cfg.new_lr_mult), lr=cfg.lr)
