@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tpas.demo import build_demo
 from tpas.errors import TpasError
 from tpas.retrieval import InferConfig, infer
 from tpas.schema import CANDIDATE_COLUMNS, QUERY_COLUMNS
@@ -21,10 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    build_demo(root, seed=0, n_train=240, n_test=24, workers=1, progress=False)
-    return root
+def demo(tiny_demo: Path) -> Path:
+    return tiny_demo
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from tpas.cli import config_command, field
 from tpas.errors import TpasError
-from tpas.io import write_bytes, write_json, write_parquet
+from tpas.io import check_manifest, staged_dir, write_bytes, write_json, write_parquet
 from tpas.metrics import ranking_metrics
 from tpas.schema import (
     CANDIDATE_COLUMNS,
@@ -54,6 +54,7 @@ from tpas.schema import (
 NORMALIZE_CHOICES = ["zscore", "minmax", "rank", "none"]
 COLUMN_CHOICES = ["score", "itm", "itc"]
 CONFIG_FILE = "ensemble_config.json"
+ENSEMBLE_OUTPUTS = (CANDIDATES_FILE, QUERIES_FILE, CONFIG_FILE, "metrics.json")
 
 
 @dataclass
@@ -94,6 +95,7 @@ class RepeatedPairError(TpasError):
 def _read_candidates(stage_dir: Path) -> pd.DataFrame:
     """candidates.parquet with query_index/image as categoricals: fast and small for millions of rows."""
     path = stage_dir / CANDIDATES_FILE
+    check_manifest(stage_dir)  # a stage's files must be the ones it wrote together
     if not path.is_file():
         raise TpasError(f"{path}: file not found; run `python infer.py --output-dir {stage_dir}` first "
                         "or fix the --input-dir.")
@@ -408,10 +410,7 @@ def run_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     candidates = candidates_frame(_names(order, fused["q"]), _names(images, fused["image"]),
                                   fused["itc"], fused["itm"], fused["score"], fused["rank"])
-    write_parquet(out / CANDIDATES_FILE, candidates)
-    write_bytes(out / QUERIES_FILE, (Path(cfg.input_dir[0]) / QUERIES_FILE).read_bytes())
     resolved = dataclasses.replace(cfg, weight=weights, k=k)
-    write_json(out / CONFIG_FILE, resolved)
 
     per_query = np.bincount(fused["q"], minlength=n_queries)
     summary: dict[str, Any] = {"inputs": [str(d) for d in cfg.input_dir], "weights": weights, "queries": n_queries,
@@ -427,11 +426,16 @@ def run_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
         per_input = [{"dir": str(d), "weight": w, **_metrics(m.q, m.image, m.rank, gt_code, order, images, gt)}
                      for d, w, m in zip(cfg.input_dir, weights, models)]
         fused_metrics = _metrics(fused["q"], fused["image"], fused["rank"], gt_code, order, images, gt)
-        write_json(out / "metrics.json", {"inputs": per_input, "ensemble": fused_metrics})
         summary["metrics"] = {"inputs": per_input, "ensemble": fused_metrics}
         for name in ("R@1", "mAP"):
             inputs = " / ".join(f"{m[name]:.2f}" for m in per_input)
             line += f"{';' if name == 'R@1' else ','} {name} {inputs} → {fused_metrics[name]:.2f}"
+    with staged_dir(out, ENSEMBLE_OUTPUTS, "ensemble") as part:  # the whole stage dir at once
+        write_parquet(part / CANDIDATES_FILE, candidates)
+        write_bytes(part / QUERIES_FILE, (Path(cfg.input_dir[0]) / QUERIES_FILE).read_bytes())
+        write_json(part / CONFIG_FILE, resolved)
+        if "metrics" in summary:
+            write_json(part / "metrics.json", summary["metrics"])
     summary["seconds"] = round(time.time() - started, 1)
     print(line + f" ({summary['seconds']:.1f}s)")
     return summary

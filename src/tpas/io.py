@@ -1,17 +1,25 @@
-"""Atomic file writing and small JSON helpers shared by every stage.
+"""Atomic file and stage-directory writing, and small JSON helpers shared by every stage.
 
-Every output is written to a temporary file in the same directory, then renamed over the
-target, so an interrupted run never leaves a half-written file behind.
+Every output file is written to a temporary file in the same directory, then renamed over the
+target, so an interrupted run never leaves a half-written file behind. A stage directory
+(infer, sca, submit, ensemble outputs) is written as a whole into a temporary sibling and then
+swapped in with one atomic exchange (`staged_dir`), so a reader sees either the old complete
+stage or the new complete one, never a new candidates.parquet beside an old queries.parquet.
+Temporary files and directories left by a killed process are removed by the next writer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import os
+import re
+import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,25 +27,145 @@ import pandas as pd
 
 from tpas.errors import TpasError
 
+MANIFEST_FILE = "manifest.json"  # in a stage dir: what the stage wrote, checked by readers
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.(tmp|part)-[^/]*$")
+_STALE_AFTER_S = 24 * 3600  # a temp file of a live process is never removed, one this old always
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(target: str | Path) -> list[Path]:
+    """Remove the temporary siblings of `target` that a killed process left behind (those of a
+    running process are kept: it may still be writing); returns what was removed."""
+    target = Path(target)
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for path in target.parent.iterdir():
+        match = _TEMP_NAME.match(path.name)
+        if not match or match["name"] != target.name:
+            continue
+        pid = int(match["pid"])
+        try:
+            old = time.time() - path.lstat().st_mtime > _STALE_AFTER_S
+        except OSError:
+            continue
+        if (pid != os.getpid() and not _alive(pid)) or old:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `target`; rename it over `target` on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_temps(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.tmp-", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp makes the file private (0600); give it the mode a plain open() would have.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
+    os.chmod(tmp_path, 0o666 & ~_umask())
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, 0o666 & ~_umask())  # a writer that re-created the file (safetensors) made it 0600
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+@contextlib.contextmanager
+def staged_dir(target: str | Path, outputs: Iterable[str], stage: str) -> Iterator[Path]:
+    """Yield an empty temporary sibling of the stage dir `target` to write the whole stage into;
+    on success, write its manifest and swap it in at once.
+
+    `outputs` names the files this stage may write: the old dir's files of those names go away
+    with it (a stale metrics.json must not outlive the stage that wrote it); any other file in
+    the old dir (a tuned.json, a user's notes) is carried over. On an exception nothing changes.
+    Where the atomic exchange is unsupported, the old dir is renamed away and the new one renamed
+    in (a reader can then find no dir for an instant, never a mixed one).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.part-", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        yield tmp
+        owned = set(outputs) | {MANIFEST_FILE}
+        written = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
+        manifest = {"stage": stage, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "files": {name: (tmp / name).stat().st_size for name in written if (tmp / name).is_file()}}
+        write_json(tmp / MANIFEST_FILE, manifest)
+        if target.is_dir():
+            for old in target.iterdir():
+                if old.name not in owned and not (tmp / old.name).exists() and not _TEMP_NAME.match(old.name):
+                    if old.is_dir():
+                        shutil.copytree(old, tmp / old.name, copy_function=os.link, symlinks=True)
+                    else:
+                        os.link(old, tmp / old.name, follow_symlinks=False)
+            if not _exchange(tmp, target):
+                aside = target.parent / f".{target.name}.{os.getpid()}.part-old"
+                os.replace(target, aside)
+                os.replace(tmp, target)
+                tmp = aside
+        else:
+            if target.exists():
+                raise TpasError(f"{target}: exists and is not a directory; remove it or choose another output dir.")
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_manifest(stage_dir: str | Path) -> dict | None:
+    """The stage's manifest, after checking that its files are the ones the stage wrote (a
+    TpasError naming the first that is missing or changed); None for a dir without one (written
+    by hand or by tpas before manifests)."""
+    stage_dir = Path(stage_dir)
+    path = stage_dir / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    manifest = read_json(path)
+    for name, size in manifest.get("files", {}).items():
+        file = stage_dir / name
+        if not file.is_file():
+            raise TpasError(f"{stage_dir}: {name} is missing from this {manifest.get('stage', '')} stage; re-run the "
+                            f"stage that wrote it.")
+        if file.stat().st_size != size:
+            raise TpasError(f"{stage_dir}: {name} is not the file this {manifest.get('stage', '')} stage wrote (it was "
+                            f"replaced since); re-run the stage rather than mixing files of different runs.")
+    return manifest
 
 
 def write_text(target: str | Path, text: str, newline: str | None = None) -> None:

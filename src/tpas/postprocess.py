@@ -70,7 +70,14 @@ from scipy.special import logsumexp
 
 from tpas.cli import field
 from tpas.errors import TpasError
-from tpas.io import read_json, write_bytes, write_json, write_parquet, write_text
+from tpas.io import (
+    read_json,
+    staged_dir,
+    write_bytes,
+    write_json,
+    write_parquet,
+    write_text,
+)
 from tpas.metrics import ranking_metrics
 from tpas.sca import (
     CHANGE_COLUMNS,
@@ -97,6 +104,8 @@ from tpas.schema import (
 METHODS = ["sca", "assign", "dual-softmax", "inverted-softmax", "rerank"]
 LOG_COLUMNS = ["method", *CHANGE_COLUMNS]
 TUNED_FILE = "tuned.json"
+SCA_OUTPUTS = (CANDIDATES_FILE, QUERIES_FILE, "changes.parquet", "changes.csv", "sca_config.json", "postprocess.json",
+               "metrics.json")
 
 
 @dataclass
@@ -665,14 +674,20 @@ def run_sca_stage(cfg: SCAStageConfig, encoder: Encoder | None = None) -> dict[s
     candidates, queries = _read_stage(Path(cfg.input_dir))
     new, changes, info = apply_methods_with_info(candidates, queries, methods, params, encoder=encoder,
                                                  cache_dir=cfg.cache_dir)
-    write_parquet(out / CANDIDATES_FILE, new)
-    write_bytes(out / QUERIES_FILE, (Path(cfg.input_dir) / QUERIES_FILE).read_bytes())
-    write_parquet(out / "changes.parquet", changes)
-    write_text(out / "changes.csv", changes.to_csv(index=False, float_format="%.6g"))
-    write_json(out / "sca_config.json", {**dataclasses.asdict(cfg), "methods": methods,
-                                         "resolved": dataclasses.asdict(params)})
     steps = info["steps"]
-    write_json(out / "postprocess.json", {"methods": methods, "steps": steps, "grouping": info["grouping"]})
+    gt = ground_truth(queries)
+    metrics = {"before": ranking_metrics(candidates, gt), "after": ranking_metrics(new, gt)} if gt is not None else None
+    # the whole stage dir at once (a kill leaves the previous one complete); a tuned.json there stays
+    with staged_dir(out, SCA_OUTPUTS, "sca") as part:
+        write_parquet(part / CANDIDATES_FILE, new)
+        write_bytes(part / QUERIES_FILE, (Path(cfg.input_dir) / QUERIES_FILE).read_bytes())
+        write_parquet(part / "changes.parquet", changes)
+        write_text(part / "changes.csv", changes.to_csv(index=False, float_format="%.6g"))
+        write_json(part / "sca_config.json", {**dataclasses.asdict(cfg), "methods": methods,
+                                              "resolved": dataclasses.asdict(params)})
+        write_json(part / "postprocess.json", {"methods": methods, "steps": steps, "grouping": info["grouping"]})
+        if metrics is not None:
+            write_json(part / "metrics.json", metrics)
 
     summary: dict[str, Any] = {"queries": len(queries), "methods": methods, "steps": steps,
                                "queries_changed": int(changes["query_index"].nunique()), "moves": len(changes)}
@@ -689,10 +704,7 @@ def run_sca_stage(cfg: SCAStageConfig, encoder: Encoder | None = None) -> dict[s
         if "metrics" in step:
             line += f"; R@1 {step['metrics']['R@1']:.2f}"
         print(line)
-    gt = ground_truth(queries)
-    if gt is not None:
-        metrics = {"before": ranking_metrics(candidates, gt), "after": ranking_metrics(new, gt)}
-        write_json(out / "metrics.json", metrics)
+    if metrics is not None:
         summary["metrics"] = metrics
         print("metrics: " + "  ".join(f"{k} {metrics['before'][k]:.2f} → {metrics['after'][k]:.2f}"
                                       for k in ("R@1", "R@5", "R@10")))

@@ -32,7 +32,7 @@ from tpas import scores as scores_lib
 from tpas.cli import field
 from tpas.data import TestSet, ensure_data, load_rgb, load_test_set
 from tpas.errors import TpasError
-from tpas.io import atomic_path, write_json, write_parquet
+from tpas.io import atomic_path, staged_dir, write_json, write_parquet
 from tpas.metrics import format_metrics, ranking_metrics
 from tpas.schema import CANDIDATES_FILE, QUERIES_FILE, candidates_frame, queries_frame
 from tpas.text import TextPipeline
@@ -78,6 +78,7 @@ class InferConfig:
     progress: bool = field(True, "Show progress bars.")
 
 
+INFER_OUTPUTS = (CANDIDATES_FILE, QUERIES_FILE, "gallery.parquet", "infer_config.json", "metrics.json")
 _AMP_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -345,22 +346,26 @@ def infer(cfg: InferConfig) -> dict:
                         f"{len(broken)} queries with NaN or infinity (first: query {first}); its weights are damaged or "
                         f"diverged: restore them or re-train.")
     candidates, queries = to_frames(test, ranked)
-    out = Path(cfg.output_dir)
-    write_parquet(out / CANDIDATES_FILE, candidates)
-    write_parquet(out / QUERIES_FILE, queries)
-    write_parquet(out / "gallery.parquet", test.gallery)
-    write_json(out / "infer_config.json", cfg)
     summary: dict[str, Any] = {"queries": len(queries), "gallery": len(test.gallery), "k": int(ranked["index"].shape[1]),
                                "source": test.source, "gallery_cache_hit": from_cache,
                                "device": str(device), "precision": precision,
                                "fast_itm": bool(use_itm and cfg.fast_itm and fast_itm_lib.supports(model)),
                                "score": rule, "itc_weight": itc_weight if use_itm else None,
-                               "text": text.describe(), "seconds": round(time.time() - started, 1)}
+                               "text": text.describe()}
     gt = dict(zip(queries["query_index"], queries["gt_image"])) if queries["gt_image"].notna().all() else None
     if gt is not None:
         by_rule = score_rule_metrics(test, ranked, gt, itc_weight, use_itm)
         summary["metrics"] = {"itc": by_rule["itc"], "final": ranking_metrics(candidates, gt), "by_score": by_rule}
-        write_json(out / "metrics.json", {**summary["metrics"], "score": rule, "itc_weight": summary["itc_weight"]})
+    # the whole stage dir at once: a kill leaves the previous stage complete, never a mix of the two
+    with staged_dir(cfg.output_dir, INFER_OUTPUTS, "infer") as out:
+        write_parquet(out / CANDIDATES_FILE, candidates)
+        write_parquet(out / QUERIES_FILE, queries)
+        write_parquet(out / "gallery.parquet", test.gallery)
+        write_json(out / "infer_config.json", cfg)
+        if "metrics" in summary:
+            write_json(out / "metrics.json", {**summary["metrics"], "score": rule, "itc_weight": summary["itc_weight"]})
+    summary["seconds"] = round(time.time() - started, 1)
+    if "metrics" in summary:
         print(f"ITC          {format_metrics(summary['metrics']['itc'])}")
         if use_itm:
             print(f"{rule} top{summary['k']} {format_metrics(summary['metrics']['final'])}")

@@ -11,6 +11,8 @@ A stage directory (outputs/<stage>/) holds:
     gt_image str or null (ground truth, when known).
 - <stage>_config.json: the resolved config that wrote the directory.
 - metrics.json: metrics, when ground truth is known.
+- manifest.json: {stage, written, files: {name: bytes}}, written last by tpas.io.staged_dir; the
+    readers below refuse a dir whose files are not the ones listed (a mix of two runs).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from tpas.errors import TpasError
-from tpas.io import read_parquet
+from tpas.io import check_manifest, read_parquet
 
 CANDIDATE_COLUMNS = ["query_index", "rank", "image", "itc", "itm", "score"]
 QUERY_COLUMNS = ["query_index", "position", "caption", "gt_image"]
@@ -53,6 +55,7 @@ def queries_frame(query_index: list[str], caption: list[str], gt_image: list[str
 
 
 def read_candidates(stage_dir: str | Path) -> pd.DataFrame:
+    check_manifest(stage_dir)  # the files of a stage dir must be the ones its stage wrote together
     path = Path(stage_dir) / CANDIDATES_FILE
     frame = read_parquet(path, CANDIDATE_COLUMNS, hint="run `python infer.py` first (or point --input-dir at its output)")
     if frame.empty:
@@ -61,6 +64,7 @@ def read_candidates(stage_dir: str | Path) -> pd.DataFrame:
 
 
 def read_queries(stage_dir: str | Path) -> pd.DataFrame:
+    check_manifest(stage_dir)
     path = Path(stage_dir) / QUERIES_FILE
     frame = read_parquet(path, QUERY_COLUMNS, hint="run `python infer.py` first (or point --input-dir at its output)")
     return frame.sort_values("position", kind="stable").reset_index(drop=True)

@@ -20,7 +20,7 @@ import pandas as pd
 
 from tpas.cli import field
 from tpas.errors import TpasError
-from tpas.io import atomic_path, write_json, write_text
+from tpas.io import atomic_path, staged_dir, write_json, write_text
 from tpas.metrics import format_metrics, ranking_metrics
 from tpas.schema import (
     CANDIDATES_FILE,
@@ -31,6 +31,7 @@ from tpas.schema import (
 )
 
 ANSWER_FILE = "answer.txt"
+SUBMIT_OUTPUTS = (ANSWER_FILE, "answer.zip", "submit_config.json", "metrics.json")
 CHALLENGE_NAME = re.compile(r"[A-Z0-9]{15}")
 
 
@@ -209,23 +210,25 @@ def run_submit_stage(cfg: SubmitConfig) -> dict[str, Any]:
 
     out = Path(cfg.output_dir)
     answer = out / ANSWER_FILE
-    write_answer(candidates, order, answer)
-    problems = check_answer(answer, order)
-    if problems:  # e.g. candidate names with spaces or extensions: refuse to hand in a bad file
-        raise TpasError(f"{problems[0]} Fix the candidate image names in {Path(cfg.input_dir) / CANDIDATES_FILE}.")
-    zip_answer(answer, out / "answer.zip")
-    write_json(out / "submit_config.json", cfg)
-
     summary: dict[str, Any] = {"queries": len(order), "answer": str(answer), "zip": str(out / "answer.zip")}
     line = f"submit: {len(order)} queries → {answer} (+ answer.zip)"
     gt = ground_truth(queries)
     if gt is not None:
         wanted = set(order)
         gt = {q: img for q, img in gt.items() if q in wanted}
-    if gt:
-        metrics = ranking_metrics(read_answer(answer, order), gt)
-        write_json(out / "metrics.json", metrics)
-        summary["metrics"] = metrics
-        line += f"; {format_metrics(metrics)}"
+    # the whole stage dir at once: answer.txt, answer.zip and metrics always belong together
+    with staged_dir(out, SUBMIT_OUTPUTS, "submit") as part:
+        write_answer(candidates, order, part / ANSWER_FILE)
+        problems = check_answer(part / ANSWER_FILE, order)
+        if problems:  # e.g. candidate names with spaces or extensions: refuse to hand in a bad file
+            raise TpasError(f"{problems[0].replace(str(part / ANSWER_FILE), str(answer))} Fix the candidate image names "
+                            f"in {Path(cfg.input_dir) / CANDIDATES_FILE}.")
+        zip_answer(part / ANSWER_FILE, part / "answer.zip")
+        write_json(part / "submit_config.json", cfg)
+        if gt:
+            metrics = ranking_metrics(read_answer(part / ANSWER_FILE, order), gt)
+            write_json(part / "metrics.json", metrics)
+            summary["metrics"] = metrics
+            line += f"; {format_metrics(metrics)}"
     print(line)
     return summary

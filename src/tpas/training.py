@@ -687,8 +687,11 @@ def _resolved_config(cfg: TrainConfig, run_dir: Path, given: set[str]) -> tuple[
 
 
 def _clear_run(run_dir: Path) -> None:
-    """Empty a run dir that never reached a checkpoint (its config.json and subset.json are rewritten)."""
+    """Empty a run dir that never reached a checkpoint, but for its config.json (rewritten later:
+    a kill before that must still leave a run that --resume can start again)."""
     for path in run_dir.iterdir():
+        if path.name == "config.json":
+            continue
         if path.is_dir():
             shutil.rmtree(path)
         else:
@@ -699,8 +702,16 @@ def train(cfg: TrainConfig) -> dict:
     """Fine-tune and return a summary; everything is written under runs/<name>/ (by rank 0)."""
     started_group = distributed.init_from_env("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                                               else "cpu")
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    created = not run_dir.exists()
     try:
         return _train(cfg)
+    except TpasError:
+        # a new run refused before its first checkpoint (bad data, a bad flag) leaves nothing behind,
+        # so the corrected command simply runs
+        if created and run_dir.is_dir() and find_checkpoint(run_dir) is None and distributed.rank_and_world()[0] == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     finally:
         if started_group:
             dist.destroy_process_group()
@@ -735,6 +746,9 @@ def _train(cfg: TrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     started = time.time()
+    if runtime.is_main and checkpoint is None:
+        # first of all: a run killed at any point after this can be started again by --resume
+        write_json(run_dir / "config.json", {"train": cfg, "model": dataclasses.asdict(saved_model or model_config_for(cfg))})
     if runtime.is_main:
         ensure_data(cfg.data_root, cfg.seed)
         train_frame, val_frame, skipped = _prepare_data(cfg, run_dir, resumed_subset)
