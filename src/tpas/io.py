@@ -31,9 +31,10 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     # mkstemp makes the file private (0600); give it the mode a plain open() would have.
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
+        # After the writer, not before: some (safetensors' save_file) replace the file with a new 0600 one.
+        os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
