@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,75 @@ def test_atomic_write_leaves_no_temp_file_and_normal_mode(tmp_path: Path) -> Non
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def _challenge(folder: Path, query_ids: list[str], order: list[str]) -> None:
+    _image(folder / "gallery" / "AAA.jpg")
+    (folder / "query.json").write_text("".join(json.dumps({"query_index": q, "caption": f"person {q}"}) + "\n"
+                                               for q in query_ids))
+    (folder / "query_index.txt").write_text("".join(q + "\r\n" for q in order))
+
+
+def test_gallery_takes_jpg_jpeg_and_png_in_any_case(tmp_path: Path) -> None:
+    folder = tmp_path / "challenge"
+    _challenge(folder, ["q1"], ["q1"])
+    for name in ("BBB.JPG", "CCC.jpeg", "DDD.PNG", "EEE.Jpeg", "FFF.png"):
+        _image(folder / "gallery" / name)
+    (folder / "gallery" / "notes.txt").write_text("not an image")
+    gallery = load_test_set(tmp_path).gallery
+    assert gallery["image"].tolist() == ["AAA", "BBB", "CCC", "DDD", "EEE", "FFF"]
+    assert all(Path(p).is_file() for p in gallery["path"])
+    _image(folder / "gallery" / "AAA.png")  # a second file answering to the name AAA
+    with pytest.raises(TpasError, match=r"AAA\.jpg and AAA\.png have the same name 'AAA'; keep only one"):
+        load_test_set(tmp_path)
+
+
+@pytest.mark.parametrize("query_ids, order, expected", [
+    (["q1", "q2", "q3"], ["q1", "q2"], r"query\.json, line 3: query 'q3' is not in .*query_index\.txt"),
+    (["q1", "q2"], ["q1", "q2", "q1"], r"query_index\.txt, line 3: query 'q1' repeats line 1"),
+    (["q1", "q2", "q1"], ["q1", "q2"], r"query\.json, line 3: query_index 'q1' repeats line 1"),
+])
+def test_query_file_and_query_index_must_list_the_same_ids_once(tmp_path: Path, query_ids: list[str],
+                                                                order: list[str], expected: str) -> None:
+    _challenge(tmp_path, query_ids, order)
+    with pytest.raises(TpasError, match=expected):
+        load_test_set(tmp_path)
+
+
+def test_non_utf8_bytes_name_the_file_and_line(tmp_path: Path) -> None:
+    records = [_record(0, False), _record(1, True)]
+    write_train(tmp_path, records)
+    shard = tmp_path / "annotation" / "train" / "attr_0.json"
+    lines = shard.read_bytes().splitlines()
+    shard.write_bytes(b"\n".join([lines[0], lines[1].replace(b"person", b"p\xe9rson")]) + b"\n")
+    with pytest.raises(TpasError, match=r"attr_0\.json, line 2: not UTF-8 text \(byte 0xe9 at column \d+\)"):
+        load_train_annotations(tmp_path)
+    frame, problems = load_train_annotations(tmp_path, on_bad="skip")
+    assert len(frame) == 1 and problems[0].line == 2
+
+    folder = tmp_path / "challenge"
+    _challenge(folder, ["q1", "q2"], ["q1", "q2"])
+    (folder / "query_index.txt").write_bytes(b"q1\r\nq\xff2\r\n")
+    with pytest.raises(TpasError, match=r"query_index\.txt, line 2: not UTF-8"):
+        load_test_set(tmp_path)
+    (folder / "query_index.txt").write_bytes(b"q1\r\nq2\r\n")
+    (folder / "query.json").write_bytes(b'{"query_index": "q1", "caption": "x"}\n{"query_index": "q2", "caption": "\xff"}\n')
+    with pytest.raises(TpasError, match=r"query\.json, line 2: not UTF-8"):
+        load_test_set(tmp_path)
+
+
+def test_load_rgb_names_an_unreadable_image_and_decodes_as_pil(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from tpas.data import load_rgb
+
+    good = tmp_path / "good.jpg"
+    Image.effect_noise((64, 48), 60).convert("RGB").save(good, quality=90)
+    with Image.open(good) as image:
+        assert load_rgb(good).tobytes() == image.convert("RGB").tobytes()
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(TpasError, match=re.escape(str(cut)) + r": image is unreadable \(OSError: .*\); replace it"):
+        load_rgb(cut)
+    with pytest.raises(TpasError, match=re.escape(f"{tmp_path / 'nope.jpg'}: image is missing")):
+        load_rgb(tmp_path / "nope.jpg")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -213,3 +215,41 @@ def test_rank_with_faiss_ivf_matches_exact_on_a_small_gallery() -> None:
                   gallery_index="faiss-ivf")  # 12 images: a single list, so the search is exhaustive
     np.testing.assert_array_equal(approx["index"], exact["index"])
     np.testing.assert_allclose(approx["score"], exact["score"], rtol=1e-5, atol=1e-5)
+
+
+def _challenge_with_partial_truth(root) -> None:
+    """12 gallery images, 3 queries; query_gt.json knows the true image of 2 of them."""
+    import json
+
+    from PIL import Image
+
+    for i in range(12):
+        path = root / "gallery" / f"G{i:02d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 32), (20 * i, 255 - 20 * i, 90)).save(path)
+    ids = ["q0", "q1", "q2"]
+    (root / "query.json").write_text("".join(json.dumps({"query_index": q, "caption": f"a person number {i}"}) + "\n"
+                                             for i, q in enumerate(ids)))
+    (root / "query_index.txt").write_text("\r\n".join(ids) + "\r\n")
+    (root / "query_gt.json").write_text('{"query_index": "q0", "image": "G00"}\n{"query_index": "q2", "image": "G05"}\n')
+
+
+def test_infer_scores_the_queries_that_have_ground_truth(tmp_path, capsys) -> None:
+    import json
+
+    from tpas.retrieval import InferConfig, infer
+
+    _challenge_with_partial_truth(tmp_path / "challenge")
+    cfg = InferConfig(data_root=tmp_path / "challenge", zero_shot=True, model="tiny", k=10, threads=1,
+                      output_dir=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    summary = infer(cfg)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert (metrics["queries_scored"], metrics["queries_total"]) == (2, 3)
+    assert metrics["itc"]["queries"] == 2 and summary["metrics"]["final"]["queries"] == 2
+    assert "metrics over the 2 of 3 queries that have ground truth" in capsys.readouterr().out
+
+    # An unreadable gallery image is named, not an OSError from deep inside PIL.
+    bad = tmp_path / "challenge" / "gallery" / "G03.jpg"
+    bad.write_bytes(bad.read_bytes()[:40])
+    with pytest.raises(TpasError, match=re.escape(f"{bad}: image is unreadable")):
+        infer(cfg)

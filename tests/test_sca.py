@@ -242,3 +242,30 @@ def test_array_conflict_count_matches_frame_version_and_config_checks_new_flags(
         SCAConfig(grouping="kmeans")
     with pytest.raises(TpasError, match="--knn"):
         SCAConfig(knn="annoy")
+
+
+OFFLINE_LOAD = """
+import os, socket
+os.environ.pop("HF_HUB_OFFLINE", None)
+os.environ.pop("TRANSFORMERS_OFFLINE", None)
+attempts = []
+def refuse(*args, **kwargs):
+    attempts.append(args)
+    raise OSError("no network in this test")
+socket.socket.connect = socket.create_connection = socket.getaddrinfo = refuse
+from tpas.sca import embed_captions, load_sentence_encoder
+emb = embed_captions(["a man lying on the ground", "a man is lying on the ground"], load_sentence_encoder())
+assert float(emb[0] @ emb[1]) > 0.9
+print(attempts, os.environ.get("HF_HUB_OFFLINE"))
+"""
+
+
+def test_encoder_loads_with_no_network_and_leaves_hub_settings_alone():
+    import subprocess
+    import sys
+
+    # A fresh process: in this one conftest has already made huggingface_hub offline for good.
+    result = subprocess.run([sys.executable, "-c", OFFLINE_LOAD], capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[-2] == "[] None"  # no connection tried; HF_HUB_OFFLINE still unset

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tpas.ensemble import EnsembleConfig, run_ensemble
 from tpas.errors import TpasError
 from tpas.io import write_parquet
 from tpas.sca import SCAStageConfig, run_sca_stage
@@ -149,11 +150,11 @@ def run_submit(*args: str) -> subprocess.CompletedProcess:
 
 def test_submit_check_cli_exit_codes(tmp_path):
     ok = run_submit("--check", str(SAMPLE), "--query-index", str(QUERY_INDEX))
-    assert ok.returncode == 0 and ok.stdout.strip() == f"{SAMPLE}: valid"
+    assert ok.returncode == 0 and ok.stdout.splitlines()[0] == f"{SAMPLE}: valid"
     bad = corrupt(tmp_path, on_line(4, lambda line: " ".join(line.split()[:9])))
     failed = run_submit("--check", str(bad), "--query-index", str(QUERY_INDEX))
     assert failed.returncode == 1
-    assert failed.stdout.splitlines() == [f"{bad} line 5: has 9 names; it needs exactly 10.", f"{bad}: 1 problem(s)"]
+    assert failed.stdout.splitlines()[:2] == [f"{bad} line 5: has 9 names; it needs exactly 10.", f"{bad}: 1 problem(s)"]
 
 
 def test_submit_error_is_one_line_without_traceback(tmp_path):
@@ -214,3 +215,70 @@ def test_sca_then_submit_stages(tmp_path):
     assert check_answer(sub_out / "answer.txt", order) == []
     assert result["metrics"]["R@1"] == 100.0
     assert json.loads((sub_out / "metrics.json").read_text())["queries"] == 12
+
+
+def _small_answer(tmp_path: Path, names: list[list[str]]) -> tuple[Path, Path, Path]:
+    """An answer file, its query index and a challenge folder whose gallery holds G00.jpg .. G11.JPG."""
+    gallery = tmp_path / "challenge" / "gallery"
+    gallery.mkdir(parents=True)
+    for i in range(12):  # names only: --gallery lists the files, it does not decode them
+        (gallery / f"G{i:02d}.{'JPG' if i % 2 else 'jpg'}").write_bytes(b"")
+    answer, index = tmp_path / "answer.txt", tmp_path / "query_index.txt"
+    answer.write_bytes("".join(" ".join(line) + "\r\n" for line in names).encode())
+    index.write_text("".join(f"Q{i}\n" for i in range(len(names))))
+    return answer, index, gallery.parent
+
+
+def test_check_with_gallery_finds_unknown_names_and_says_what_it_checked(tmp_path, capsys):
+    lines = [[f"G{i:02d}" for i in range(10)], [f"G{i:02d}" for i in range(2, 12)]]
+    lines[1][4] = "NOTINGALLERY"
+    answer, index, challenge = _small_answer(tmp_path, lines)
+    plain = run_submit_stage(SubmitConfig(check=answer, query_index=index))
+    assert plain["valid"]  # without a gallery the name cannot be known to be wrong ...
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{answer}: valid" and out[1].startswith("checked: ") and "line count" in out[1]
+    assert "names against a gallery (pass --gallery)" in out[2] and "line order" in out[2]
+    for folder in (challenge, challenge / "gallery"):  # a challenge folder or its gallery/
+        result = run_submit_stage(SubmitConfig(check=answer, query_index=index, gallery=folder))
+        assert result["problems"] == [f"{answer} line 2: NOTINGALLERY is not a gallery image name."]
+        assert "names against the gallery" in result["checks"]
+        assert not any("gallery" in c for c in result["not_checked"]) and "line order" in result["not_checked"][-1]
+    with pytest.raises(TpasError, match="no such folder; pass --gallery"):
+        run_submit_stage(SubmitConfig(check=answer, gallery=tmp_path / "nowhere"))
+
+
+def _stage_with(tmp_path: Path, edit) -> Path:
+    """A 3-query stage dir (12 candidates each) after `edit(frame)`; itc/itm NaN as in an answer read back."""
+    frame, order = ranked(3, 12)
+    frame["itc"], frame["itm"] = np.nan, np.nan  # allowed: only score must be finite
+    frame = edit(frame)
+    d = tmp_path / "stage"
+    write_parquet(d / "candidates.parquet", frame)
+    write_parquet(d / "queries.parquet", queries_frame(order, [f"caption {q}" for q in order]))
+    return d
+
+
+def _set(frame, row, column, value):
+    frame.loc[row, column] = value
+    return frame
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda f: _set(f, 12, "score", np.nan), "query Q0001 has score nan at rank 1; every candidate needs a finite score"),
+    (lambda f: _set(f, 30, "image", f.loc[29, "image"]), "query Q0002 lists image {} more than once"),
+    (lambda f: _set(f, 15, "rank", 5), "query Q0001 has ranks 1, 2, 3, 5, 5, 6, ...; ranks must run 1..k, each once"),
+    (lambda f: f[f["rank"] != 1].reset_index(drop=True), "query Q0000 has ranks 2, 3, 4, 5, 6, 7, ...; ranks must run 1..k"),
+])
+def test_sca_submit_and_ensemble_refuse_bad_candidates(tmp_path, edit, message):
+    d = _stage_with(tmp_path, edit)
+    frame = pd.read_parquet(d / "candidates.parquet")
+    expected = f"{d / 'candidates.parquet'}: " + message.format(frame.loc[29, "image"])
+    runs = [lambda: run_sca_stage(SCAStageConfig(input_dir=d, output_dir=tmp_path / "sca"), encoder=WordEncoder()),
+            lambda: run_submit_stage(SubmitConfig(input_dir=d, output_dir=tmp_path / "sub")),
+            lambda: run_ensemble(EnsembleConfig(input_dir=[d], output_dir=tmp_path / "ens"))]
+    for run in runs:
+        with pytest.raises(TpasError) as err:
+            run()
+        assert str(err.value).startswith(expected), str(err.value)
+        assert "\n" not in str(err.value)
+    assert not any((tmp_path / name).exists() for name in ("sca", "sub", "ens"))

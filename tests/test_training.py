@@ -370,3 +370,29 @@ def test_init_weights_are_loaded_and_a_resume_keeps_the_checkpoint(data_root: Pa
     assert json.loads((tmp_path / "init" / "config.json").read_text())["train"]["init"] == str(start)
     train(_cfg(data_root, tmp_path, name="init", resume=True))
     assert calls == [start]  # the checkpoint wins on resume
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("epochs", 0, "--epochs must be at least 1; got 0."),
+    ("val_size", -3, "--val-size must be 0 (no validation) or more; got -3."),
+    ("subset", -5, "--subset must be 0 (all pairs) or more; got -5."),
+    ("steps", 0, "--steps must be at least 1 (or left out to train for --epochs); got 0."),
+    ("save_every", -1, "--save-every must be 0 (only at epoch ends) or more; got -1."),
+])
+def test_out_of_range_counts_are_one_sentence(flag: str, value: int, expected: str) -> None:
+    with pytest.raises(TpasError) as err:
+        TrainConfig(**{flag: value})
+    assert str(err.value) == expected
+    TrainConfig(subset=0, val_size=0, save_every=0, steps=1)  # the documented meanings of 0 stay allowed
+
+
+def test_saved_weights_follow_the_umask(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o002)  # not the 0600 that safetensors gives its own files
+    try:
+        training.save_weights(torch.nn.Linear(2, 2), tmp_path / "model.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o664
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]

@@ -6,7 +6,7 @@ Layouts (see ../shared/pab-format/README.md):
   files, `normal` or `anomaly` (the action) and `scene`.
 - PAB test: `annotation/test/pair.json` (or attr.json), one record per image with a list of
   captions; every caption is a query whose true image is that record's image.
-- challenge: `gallery/*.jpg`, `query.json` ({query_index, caption} lines), `query_index.txt`
+- challenge: `gallery/*.jpg` (or .jpeg/.png, any case), `query.json` ({query_index, caption} lines), `query_index.txt`
   (answer order) and, for the demo set only, `query_gt.json` ({query_index, image} lines).
 
 Every problem is reported as one sentence naming the file (and line) and the fix.
@@ -52,10 +52,24 @@ def _shard_key(path: Path) -> tuple[int, str]:
     return (int(match.group(1)) if match else -1, path.name)
 
 
+def _decode_line(raw: bytes) -> tuple[str | None, str | None]:
+    """(text, None), or (None, why) for bytes that are not UTF-8."""
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as exc:
+        return None, (f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                      "save the file as UTF-8")
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
     """Yield (line number, record or None, error or None) for each non-blank line."""
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
+    # Decoded line by line, so a bad byte is one bad line (with its number), not a traceback.
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            line, error = _decode_line(raw)
+            if error:
+                yield number, None, error
+                continue
             if not line.strip():
                 continue
             try:
@@ -237,33 +251,75 @@ def challenge_dir(data_root: Path) -> Path | None:
     return None
 
 
+def read_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, stripped text) of each non-blank line of a text file (CRLF or LF)."""
+    lines = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        text, error = _decode_line(raw)
+        if error:
+            raise TpasError(f"{path}, line {number}: {error}.")
+        if text.strip():
+            lines.append((number, text.strip()))
+    return lines
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # in any case: cameras and Windows tools write .JPG
+
+
+def gallery_images(gallery_dir: Path) -> list[Path]:
+    """The gallery's image files, sorted by name; an image's name is its file stem."""
+    if not gallery_dir.is_dir():
+        raise TpasError(f"{gallery_dir}: no such folder; it must hold the gallery images (.jpg, .jpeg or .png).")
+    paths = sorted(p for p in gallery_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not paths:
+        raise TpasError(f"{gallery_dir}: no .jpg, .jpeg or .png images; check --data-root.")
+    seen: dict[str, Path] = {}
+    for path in paths:
+        if path.stem in seen:  # both would answer to one name
+            raise TpasError(f"{gallery_dir}: {seen[path.stem].name} and {path.name} have the same name "
+                            f"{path.stem!r}; keep only one of them.")
+        seen[path.stem] = path
+    return paths
+
+
 def load_challenge(folder: Path, query_file: str = "query.json") -> TestSet:
-    queries = {}
-    for line, record in _read_jsonl_strict(folder / query_file, ["query_index", "caption"]):
+    queries: dict[str, str] = {}
+    query_line: dict[str, int] = {}
+    query_path = folder / query_file
+    for line, record in _read_jsonl_strict(query_path, ["query_index", "caption"]):
         caption = str(record["caption"]).strip()
         if not caption:
-            raise TpasError(f"{folder / query_file}, line {line}: empty caption; fix that line.")
+            raise TpasError(f"{query_path}, line {line}: empty caption; fix that line.")
         query_index = str(record["query_index"])
         if query_index in queries:
-            raise TpasError(f"{folder / query_file}, line {line}: duplicate query_index {query_index!r}.")
-        queries[query_index] = caption
+            raise TpasError(f"{query_path}, line {line}: query_index {query_index!r} repeats line "
+                            f"{query_line[query_index]}; give each query its own id or delete the repeat.")
+        queries[query_index], query_line[query_index] = caption, line
     order_file = folder / "query_index.txt"
     if order_file.is_file():
-        order = [line.strip() for line in order_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        unknown = [q for q in order if q not in queries]
-        if unknown:
-            raise TpasError(f"{order_file}: query {unknown[0]!r} is not in {query_file} ({len(unknown)} missing); "
-                            f"use the query_index.txt that came with it.")
+        order: list[str] = []
+        order_line: dict[str, int] = {}
+        for line, query_index in read_lines(order_file):
+            if query_index in order_line:  # a repeat would be ranked twice and break sca.py's tables
+                raise TpasError(f"{order_file}, line {line}: query {query_index!r} repeats line "
+                                f"{order_line[query_index]}; use the query_index.txt that came with {query_file}.")
+            if query_index not in queries:
+                raise TpasError(f"{order_file}, line {line}: query {query_index!r} is not in {query_file}; "
+                                f"use the query_index.txt that came with it.")
+            order.append(query_index)
+            order_line[query_index] = line
+        # A query the answer order leaves out would be ranked but has no line in answer.txt.
+        extra = [q for q in queries if q not in order_line]
+        if extra:
+            raise TpasError(f"{query_path}, line {query_line[extra[0]]}: query {extra[0]!r} is not in {order_file} "
+                            f"({len(extra)} such); use the query_index.txt that came with {query_file}.")
     else:
         order = list(queries)
     gt: dict[str, str] = {}
     gt_file = folder / "query_gt.json"
     if gt_file.is_file():
         gt = {str(r["query_index"]): str(r["image"]) for _, r in _read_jsonl_strict(gt_file, ["query_index", "image"])}
-    gallery_dir = folder / "gallery"
-    paths = sorted(gallery_dir.glob("*.jpg")) + sorted(gallery_dir.glob("*.png"))
-    if not paths:
-        raise TpasError(f"{gallery_dir}: no .jpg or .png images; check --data-root.")
+    paths = gallery_images(folder / "gallery")
     query_frame = pd.DataFrame({"query_index": order, "caption": [queries[q] for q in order],
                                 "gt_image": [gt.get(q) for q in order]})
     gallery = pd.DataFrame({"image": [p.stem for p in paths], "path": [str(p.resolve()) for p in paths]})
@@ -320,8 +376,13 @@ def ensure_data(data_root: str | Path, seed: int = 0) -> Path:
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    """The image at `path` as RGB; an unreadable file is a TpasError naming it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt data
+        why = "missing" if isinstance(exc, FileNotFoundError) else f"unreadable ({type(exc).__name__}: {exc})"
+        raise TpasError(f"{path}: image is {why}; replace it with a complete copy or remove it.") from None
 
 
 def stable_seed(*parts: int) -> int:

@@ -47,6 +47,7 @@ from tpas.schema import (
     CANDIDATES_FILE,
     QUERIES_FILE,
     candidates_frame,
+    check_candidates,
     ground_truth,
     read_queries,
 )
@@ -109,6 +110,7 @@ def _read_candidates(stage_dir: Path) -> pd.DataFrame:
         raise TpasError(f"{path}: not a readable parquet file ({exc}); regenerate it.") from None
     if frame.empty:
         raise TpasError(f"{path}: has no rows; re-run the stage that wrote it.")
+    check_candidates(frame, path)  # the same rules as every stage's reader (tpas.schema)
     for col in ("query_index", "image"):
         if not isinstance(frame[col].dtype, pd.CategoricalDtype):
             frame[col] = pd.Categorical(frame[col].astype(str))

@@ -80,11 +80,10 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp makes the file private (0600); give it the mode a plain open() would have.
-    os.chmod(tmp_path, 0o666 & ~_umask())
     try:
         yield tmp_path
-        if tmp_path.exists():
-            os.chmod(tmp_path, 0o666 & ~_umask())  # a writer that re-created the file (safetensors) made it 0600
+        # After the writer, not before: some (safetensors' save_file) replace the file with a new 0600 one.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():

@@ -34,7 +34,13 @@ from tpas.data import TestSet, ensure_data, load_rgb, load_test_set
 from tpas.errors import TpasError
 from tpas.io import atomic_path, staged_dir, write_json, write_parquet
 from tpas.metrics import format_metrics, ranking_metrics
-from tpas.schema import CANDIDATES_FILE, QUERIES_FILE, candidates_frame, queries_frame
+from tpas.schema import (
+    CANDIDATES_FILE,
+    QUERIES_FILE,
+    candidates_frame,
+    ground_truth,
+    queries_frame,
+)
 from tpas.text import TextPipeline
 from tpas.training import load_run_model
 
@@ -352,7 +358,7 @@ def infer(cfg: InferConfig) -> dict:
                                "fast_itm": bool(use_itm and cfg.fast_itm and fast_itm_lib.supports(model)),
                                "score": rule, "itc_weight": itc_weight if use_itm else None,
                                "text": text.describe()}
-    gt = dict(zip(queries["query_index"], queries["gt_image"])) if queries["gt_image"].notna().all() else None
+    gt = ground_truth(queries)  # as sca.py and submit.py: score the queries that have ground truth
     if gt is not None:
         by_rule = score_rule_metrics(test, ranked, gt, itc_weight, use_itm)
         summary["metrics"] = {"itc": by_rule["itc"], "final": ranking_metrics(candidates, gt), "by_score": by_rule}
@@ -363,9 +369,12 @@ def infer(cfg: InferConfig) -> dict:
         write_parquet(out / "gallery.parquet", test.gallery)
         write_json(out / "infer_config.json", cfg)
         if "metrics" in summary:
-            write_json(out / "metrics.json", {**summary["metrics"], "score": rule, "itc_weight": summary["itc_weight"]})
+            write_json(out / "metrics.json", {**summary["metrics"], "score": rule, "itc_weight": summary["itc_weight"],
+                                              "queries_scored": len(gt), "queries_total": len(queries)})
     summary["seconds"] = round(time.time() - started, 1)
     if "metrics" in summary:
+        if len(gt) < len(queries):
+            print(f"metrics over the {len(gt)} of {len(queries)} queries that have ground truth")
         print(f"ITC          {format_metrics(summary['metrics']['itc'])}")
         if use_itm:
             print(f"{rule} top{summary['k']} {format_metrics(summary['metrics']['final'])}")

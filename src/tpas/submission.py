@@ -85,8 +85,9 @@ def check_answer(path: Path, query_index: Path | list[str] | None = None, galler
     """Problems with an answer file, one sentence each naming file and line; empty list = valid.
 
     `query_index` (file or ids) fixes the expected line count; `gallery` (names, with or without
-    ".jpg") makes unknown names an error. Without a gallery, names are checked against the
-    challenge pattern (15 of A-Z0-9) only when most names in the file follow it.
+    an image extension) makes unknown names an error. Without a gallery, names are checked against
+    the challenge pattern (15 of A-Z0-9) only when most names in the file follow it. The order of
+    the lines cannot be checked: a line carries no query id (see `check_scope`).
     """
     path = Path(path)
     if not path.is_file():
@@ -124,7 +125,12 @@ def check_answer(path: Path, query_index: Path | list[str] | None = None, galler
 
     names_by_line = [line.split() for line in lines]
     all_names = [n for names in names_by_line for n in names]
-    known = {g[:-4] if g.lower().endswith(".jpg") else g for g in gallery} if gallery is not None else None
+    known = None
+    if gallery is not None:
+        # imported here: tpas.data's own imports (sklearn) would slow every --check
+        from tpas.data import IMAGE_EXTENSIONS
+
+        known = {Path(g).stem if Path(g).suffix.lower() in IMAGE_EXTENSIONS else g for g in gallery}
     # Only hold names to the challenge pattern when the file is evidently a challenge answer.
     pattern = known is None and sum(bool(CHALLENGE_NAME.fullmatch(n)) for n in all_names) > len(all_names) / 2
 
@@ -158,6 +164,37 @@ def check_answer(path: Path, query_index: Path | list[str] | None = None, galler
     return problems
 
 
+def gallery_names(folder: Path) -> set[str]:
+    """The image names of a gallery folder, or of a challenge folder's gallery/."""
+    # imported here: tpas.data's own imports (sklearn) would slow every --check
+    from tpas.data import gallery_images
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TpasError(f"{folder}: no such folder; pass --gallery a gallery folder or a challenge folder holding gallery/.")
+    return {p.stem for p in gallery_images(folder / "gallery" if (folder / "gallery").is_dir() else folder)}
+
+
+def check_scope(query_index: bool, gallery: bool, per_line: int = 10) -> tuple[list[str], list[str]]:
+    """What check_answer verified and what it could not, given a query index and/or a gallery."""
+    checked = ["UTF-8 ASCII text", "one kind of line ending", f"{per_line} distinct names per line, single spaces",
+               "no file extensions"]
+    unchecked = []
+    if query_index:
+        checked.append("line count against the query index")
+    else:
+        unchecked.append("line count (pass --query-index)")
+    if gallery:
+        checked.append("names against the gallery")
+    else:
+        checked.append("names look like challenge names (15 of A-Z/0-9, when most do)")
+        unchecked.append("names against a gallery (pass --gallery)")
+    # Lines carry no query ids, so a file whose lines are shuffled is indistinguishable from a right one.
+    unchecked.append("line order (a line names no query; write the file with submit.py --query-index so line i "
+                     "answers query i of query_index.txt)")
+    return checked, unchecked
+
+
 def read_answer(path: Path, query_order: list[str]) -> pd.DataFrame:
     """An answer file as a candidates table (itc/itm NaN, score = -rank) so it can be scored."""
     path = Path(path)
@@ -183,18 +220,27 @@ class SubmitConfig:
     output_dir: Path = field(Path("outputs/submission"), help="Where to write answer.txt, answer.zip and metrics.")
     query_index: Path | None = field(None, help="Official query_index.txt giving the answer order "
                                                 "(default: the order of queries.parquet).")
-    check: Path | None = field(None, help="Only validate this answer file (against --query-index if given) "
-                                          "and exit 0 if valid, 1 if not.")
+    check: Path | None = field(None, help="Only validate this answer file and exit 0 if valid, 1 if not: its format, "
+                                          "its line count against --query-index and its names against --gallery "
+                                          "when given. The line order cannot be checked: a line names no query.")
+    gallery: Path | None = field(None, help="Gallery folder (or a challenge folder holding gallery/) whose image names "
+                                            "every answer name must be (default: names are only checked for the "
+                                            "challenge's 15-character pattern).")
 
 
 def run_submit_stage(cfg: SubmitConfig) -> dict[str, Any]:
     """Write answer.txt + answer.zip (or, with cfg.check, only validate a file); returns the summary."""
+    gallery = gallery_names(cfg.gallery) if cfg.gallery is not None else None
     if cfg.check is not None:
-        problems = check_answer(cfg.check, cfg.query_index)
+        problems = check_answer(cfg.check, cfg.query_index, gallery)
         for problem in problems:
             print(problem)
         print(f"{cfg.check}: {'valid' if not problems else f'{len(problems)} problem(s)'}")
-        return {"checked": str(cfg.check), "valid": not problems, "problems": problems}
+        checked, unchecked = check_scope(cfg.query_index is not None, gallery is not None)
+        print(f"checked: {'; '.join(checked)}")
+        print(f"not checked: {'; '.join(unchecked)}")
+        return {"checked": str(cfg.check), "valid": not problems, "problems": problems,
+                "checks": checked, "not_checked": unchecked}
 
     candidates = read_candidates(cfg.input_dir)
     queries = read_queries(cfg.input_dir)
@@ -219,7 +265,7 @@ def run_submit_stage(cfg: SubmitConfig) -> dict[str, Any]:
     # the whole stage dir at once: answer.txt, answer.zip and metrics always belong together
     with staged_dir(out, SUBMIT_OUTPUTS, "submit") as part:
         write_answer(candidates, order, part / ANSWER_FILE)
-        problems = check_answer(part / ANSWER_FILE, order)
+        problems = check_answer(part / ANSWER_FILE, order, gallery)
         if problems:  # e.g. candidate names with spaces or extensions: refuse to hand in a bad file
             raise TpasError(f"{problems[0].replace(str(part / ANSWER_FILE), str(answer))} Fix the candidate image names "
                             f"in {Path(cfg.input_dir) / CANDIDATES_FILE}.")

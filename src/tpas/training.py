@@ -130,6 +130,18 @@ class TrainConfig:
             raise TpasError(f"--grad-accum must be at least 1; got {self.grad_accum}.")
         if self.batch_size < 1:
             raise TpasError(f"--batch-size must be at least 1; got {self.batch_size}.")
+        # Each of these would otherwise run silently wrong: 0 epochs saves an untrained "trained" model,
+        # a negative --val-size drops validation, a negative --subset fails deep inside sklearn.
+        if self.epochs < 1:
+            raise TpasError(f"--epochs must be at least 1; got {self.epochs}.")
+        if self.steps is not None and self.steps < 1:
+            raise TpasError(f"--steps must be at least 1 (or left out to train for --epochs); got {self.steps}.")
+        if self.val_size < 0:
+            raise TpasError(f"--val-size must be 0 (no validation) or more; got {self.val_size}.")
+        if self.subset < 0:
+            raise TpasError(f"--subset must be 0 (all pairs) or more; got {self.subset}.")
+        if self.save_every < 0:
+            raise TpasError(f"--save-every must be 0 (only at epoch ends) or more; got {self.save_every}.")
 
 
 # How a resume treats this command's flags (tpas.cli.given_fields tells a given flag from a default):
