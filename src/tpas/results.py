@@ -248,12 +248,14 @@ def _stage_train(stages: Stages, tcfg: TrainConfig, what: str) -> dict:
     """Reuse a finished run with the same settings, resume an interrupted one, or train it."""
     run_dir = Path(tcfg.runs_dir) / tcfg.name
     # the model flags are compared as what they resolved to (a flag left to the preset is None)
-    want = {k: v for k, v in config_key(tcfg).items() if k not in MODEL_FLAGS}
+    # a step budget's epochs are derived from it (config.json records the resolved count)
+    derived = MODEL_FLAGS + (("epochs",) if tcfg.steps else ())
+    want = {k: v for k, v in config_key(tcfg).items() if k not in derived}
     want_model = _plain(dataclasses.asdict(model_config_for(tcfg)))
     stage = f"train/{tcfg.name}"
     if (run_dir / "config.json").is_file():
         saved_config = read_json(run_dir / "config.json")
-        saved = {k: v for k, v in saved_config.get("train", {}).items() if k not in MODEL_FLAGS}
+        saved = {k: v for k, v in saved_config.get("train", {}).items() if k not in derived}
         differ = config_differences(saved, want) + [f"model.{k}" for k in
                                                     config_differences(saved_config.get("model", {}), want_model)]
         if differ:
