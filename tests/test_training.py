@@ -142,6 +142,23 @@ def test_damaged_weights_are_refused_not_ranked(data_root: Path, tmp_path: Path)
     load_run_model(tmp_path / "w")
 
 
+class _Evil:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_a_refused_pickle_on_resume_is_one_sentence(data_root: Path, tmp_path: Path, monkeypatch) -> None:
+    train(_cfg(data_root, tmp_path, name="p", max_steps=2))
+    monkeypatch.chdir(tmp_path)
+    torch.save({"optimizer": _Evil()}, tmp_path / "p" / "checkpoint" / "train_state.pt")
+    with pytest.raises(TpasError, match="train_state.pt: not a tpas checkpoint"):
+        train(_cfg(data_root, tmp_path, name="p", resume=True))
+    assert not (tmp_path / "PWNED").exists()
+    (tmp_path / "p" / "checkpoint" / "train_state.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(TpasError, match="train_state.pt: unreadable"):
+        train(_cfg(data_root, tmp_path, name="p", resume=True))
+
+
 def test_same_seed_same_subset_other_seed_differs(data_root: Path, tmp_path: Path) -> None:
     train(_cfg(data_root, tmp_path, name="s0", max_steps=1))
     train(_cfg(data_root, tmp_path, name="s0b", max_steps=1))

@@ -26,6 +26,7 @@ import hashlib
 import io
 import math
 import os
+import pickle
 import shutil
 import time
 from collections.abc import Iterator
@@ -547,6 +548,21 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _load_train_state(path: Path) -> dict:
+    """train_state.pt, read with weights_only=True: a file holding other objects is refused, never run."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise TpasError(f"{path}: not a tpas checkpoint (it holds objects other than tensors and plain values, which "
+                        f"are never loaded); restore the run's checkpoint or start the run again.") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:  # torch's zip reader, truncated files
+        raise TpasError(f"{path}: unreadable ({str(exc).splitlines()[0]}); the checkpoint is damaged: restore it "
+                        f"or start the run again.") from None
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "position"} <= set(state):
+        raise TpasError(f"{path}: not a tpas checkpoint (no optimizer/scheduler/position); restore the run's checkpoint.")
+    return state
+
+
 def find_checkpoint(run_dir: Path) -> Path | None:
     for folder in (run_dir / "checkpoint", run_dir / ".checkpoint.old"):  # .old survives a crash mid-swap
         if (folder / "train_state.pt").is_file() and (folder / "model.safetensors").is_file():
@@ -816,7 +832,7 @@ def _train(cfg: TrainConfig) -> dict:
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "world_size": runtime.world_size}
     if checkpoint is not None:
         load_weights(model, checkpoint / "model.safetensors")
-        state = torch.load(checkpoint / "train_state.pt", map_location="cpu", weights_only=True)
+        state = _load_train_state(checkpoint / "train_state.pt")
         saved_world = state["position"].get("world_size", 1)
         if saved_world != runtime.world_size:
             raise TpasError(f"{checkpoint}: the run was trained by {saved_world} process(es); resume it with "
