@@ -6,7 +6,7 @@ On several GPUs: `torchrun --nproc_per_node N train.py ...` (DDP; see tpas.train
 import os
 
 from tpas.cli import config_command
-from tpas.training import TrainConfig, train
+from tpas.train import TrainConfig, train
 
 
 @config_command(TrainConfig, help="Fine-tune on a seeded subset of PAB's training pairs; writes runs/<name>/. "

@@ -21,9 +21,11 @@ import torch.multiprocessing as mp
 from fakes import _record, write_train
 from torch.nn.parallel import DistributedDataParallel
 
-from tpas import model as model_lib
-from tpas.text import TextPipeline
-from tpas.training import Runtime, TrainConfig, resolve_runtime, train, training_step
+from tpas import models as model_lib
+from tpas.models.text import TextPipeline
+from tpas.runtime import Runtime, resolve_runtime
+from tpas.train import TrainConfig, train
+from tpas.train.loop import training_step
 
 WORLD = 2
 # Rank 1's captions are longer (the ranks pad to different lengths); caption 5 repeats caption 1,

@@ -1,4 +1,4 @@
-"""BLIP / CLIP wrappers (tpas.hf_models) on tiny random transformers models: encoders, agreement
+"""BLIP / CLIP wrappers (tpas.models.hf) on tiny random transformers models: encoders, agreement
 with transformers' own forward, a training step, retrieval, local dirs, run reload, offline hub."""
 
 import copy
@@ -12,12 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tpas import hf_models as H
-from tpas import model as M
-from tpas import retrieval, training
+from tpas import models as M
+from tpas import retrieval
 from tpas.errors import TpasError
 from tpas.io import write_json
-from tpas.text import TextPipeline
+from tpas.models import hf as H
+from tpas.models.run import load_run_model, save_weights
+from tpas.models.text import TextPipeline
 
 FAMILIES = {"blip": ("blip-itm", H.TINY_BLIP_CONFIG), "clip": ("clip", H.TINY_CLIP_CONFIG)}
 CAPTIONS = ["a man in a red jacket lying on the pavement",
@@ -261,10 +262,10 @@ def test_trained_run_reloads_without_the_hf_dir(family, tmp_path):
     optimizer.step()
     run = tmp_path / "run"
     write_json(run / "config.json", {"train": {}, "model": dataclasses.asdict(run_cfg)})
-    training.save_weights(trained, run / "model.safetensors")
+    save_weights(trained, run / "model.safetensors")
     shutil.rmtree(folder)  # the rebuild must need neither the weights nor the config of the hf dir
 
-    reloaded, reloaded_cfg = training.load_run_model(run)
+    reloaded, reloaded_cfg = load_run_model(run)
     trained.eval()
     assert reloaded_cfg.hf_model == str(folder) and reloaded_cfg.hf_config == run_cfg.hf_config
     torch.testing.assert_close(reloaded.temp, trained.temp)

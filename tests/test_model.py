@@ -14,9 +14,11 @@ from safetensors.torch import load_file, save_file
 from sklearn.datasets import load_sample_image
 from torchvision import transforms as T
 
-from tpas import model as M
+from tpas import models as M
 from tpas.errors import TpasError
-from tpas.text import TextPipeline
+from tpas.models import backbones, losses
+from tpas.models.convert import efficientnet as E
+from tpas.models.text import TextPipeline
 
 # ImageNet classes of palace/temple-like buildings. The mapped model's top-5 for china.jpg (a
 # Chinese temple) is [698 palace, 442 bell cote, 663 monastery, 975 lakeside, 449 boathouse].
@@ -52,7 +54,7 @@ def test_mapped_efficientnet_classifies_a_real_photo():
     net = timm.create_model(M.ModelConfig().image_backbone, pretrained=False)
     torch.manual_seed(0)
     random_net = timm.create_model(M.ModelConfig().image_backbone, pretrained=False)
-    M.load_efficientnet_lite0_weights(net)
+    E.load_efficientnet_lite0_weights(net)
 
     top5 = _top5(net, x)
     print("mapped top-5:", top5, [PALACE_LIKE.get(i, "?") for i in top5])
@@ -68,7 +70,7 @@ def test_image_normalisation_fits_the_weights():
     """The stem BatchNorm's running variance matches real-photo statistics under IMAGE_MEAN/STD,
     not under the usual ImageNet mean/std (which these TF-ported weights do not expect)."""
     net = timm.create_model(M.ModelConfig().image_backbone, pretrained=False)
-    M.load_efficientnet_lite0_weights(net)
+    E.load_efficientnet_lite0_weights(net)
     photos = [Image.fromarray(load_sample_image(name)) for name in ("china.jpg", "flower.jpg")]
 
     def mismatch(mean, std) -> float:
@@ -85,11 +87,11 @@ def test_image_normalisation_fits_the_weights():
     assert imagenet > 1.2
 
 
-@pytest.mark.parametrize("backbone", M.PRETRAINED_BACKBONES)
+@pytest.mark.parametrize("backbone", E.PRETRAINED_BACKBONES)
 def test_efficientnet_key_map_is_complete(backbone):
-    source = torch.load(M.packaged_efficientnet_lite0_path(), map_location="cpu", weights_only=True)
+    source = torch.load(E.packaged_efficientnet_lite0_path(), map_location="cpu", weights_only=True)
     net = timm.create_model(backbone, pretrained=False)
-    mapping = M.efficientnet_lite0_key_map(list(source), net)
+    mapping = E.efficientnet_lite0_key_map(list(source), net)
     assert set(mapping) == set(source)
     assert set(mapping.values()) == set(net.state_dict())
     assert len(set(mapping.values())) == len(mapping) == 296
@@ -98,12 +100,12 @@ def test_efficientnet_key_map_is_complete(backbone):
     assert mapping["_blocks.3._expand_conv.weight"] == "blocks.2.0.conv_pw.weight"
 
     with pytest.raises(TpasError, match="_blocks.0._se_reduce.weight"):
-        M.efficientnet_lite0_key_map([*source, "_blocks.0._se_reduce.weight"], net)
+        E.efficientnet_lite0_key_map([*source, "_blocks.0._se_reduce.weight"], net)
 
 
 def test_pretrained_needs_a_matching_backbone():
     with pytest.raises(TpasError, match="packaged weights"):
-        M.build_image_encoder(M.ModelConfig(image_backbone="resnet18"))
+        backbones.build_image_encoder(M.ModelConfig(image_backbone="resnet18"))
 
 
 # ---------------------------------------------------------------- tiny model
@@ -118,7 +120,7 @@ def tokenizer(tiny_cfg):
     return M.build_tokenizer(tiny_cfg)
 
 
-def _tiny(cfg: M.ModelConfig, seed: int = 0) -> M.TpasModel:
+def _tiny(cfg: M.ModelConfig, seed: int = 0) -> M.XVLMModel:
     torch.manual_seed(seed)
     return M.build_model(cfg)
 
@@ -185,11 +187,11 @@ def test_hard_negatives(tiny_cfg, tokenizer):
 
 def test_duplicates_are_never_negatives(tiny_cfg, tokenizer):
     tokens = TextPipeline(tokenizer, max_tokens=70)([CAPTIONS[0], CAPTIONS[1], CAPTIONS[0], CAPTIONS[2]])
-    positive = M.TpasModel._positive_pairs(tokens["input_ids"], tokens["attention_mask"], None)
+    positive = losses.positive_pairs(tokens["input_ids"], tokens["attention_mask"], None)
     expected = torch.eye(4, dtype=torch.bool)
     expected[0, 2] = expected[2, 0] = True
     assert torch.equal(positive, expected)
-    positive = M.TpasModel._positive_pairs(tokens["input_ids"], tokens["attention_mask"], torch.tensor([7, 8, 9, 8]))
+    positive = losses.positive_pairs(tokens["input_ids"], tokens["attention_mask"], torch.tensor([7, 8, 9, 8]))
     assert positive[1, 3] and positive[3, 1] and positive[0, 2]
 
     # a batch of one (nothing to sample) and a batch of identical captions still train
@@ -315,7 +317,7 @@ def test_default_preset_builds_offline_and_trains():
     model = M.build_model(cfg)
     tokenizer = M.build_tokenizer(cfg)
     # pretrained on both sides: the image weights are the package's, the text ones MiniLM's
-    source = torch.load(M.packaged_efficientnet_lite0_path(), map_location="cpu", weights_only=True)
+    source = torch.load(E.packaged_efficientnet_lite0_path(), map_location="cpu", weights_only=True)
     assert torch.equal(model.image_encoder.conv_stem.weight, source["_conv_stem.weight"])
     assert model.text_encoder.config.hidden_size == 384 and len(model.fusion) == 2
     # what a trained run rebuilds before loading its own weights has the very same tensors

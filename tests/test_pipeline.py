@@ -14,7 +14,7 @@ import pytest
 from tpas.errors import TpasError
 from tpas.retrieval import InferConfig, infer
 from tpas.schema import CANDIDATE_COLUMNS, QUERY_COLUMNS
-from tpas.training import TrainConfig, train
+from tpas.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from tpas import model as M
+from tpas import models as M
 from tpas import scores
-from tpas.checkpoints import load_initial_weights
 from tpas.data import load_rgb
+from tpas.models.convert.xvlm import load_initial_weights
+from tpas.models.text import pre_caption
 from tpas.retrieval import rank
-from tpas.text import pre_caption
 
 REF = Path(__file__).parent / "data" / "xvlm-reference"
 ATOL = 1e-5  # benign differences inside X-VLM are <= 9.5e-7; any broken convention moves values by >= 0.019
@@ -46,7 +46,7 @@ def fixture_config(**overrides) -> M.ModelConfig:
 
 
 @pytest.fixture(scope="module")
-def loaded() -> tuple[M.TpasModel, M.ModelConfig]:
+def loaded() -> tuple[M.XVLMModel, M.ModelConfig]:
     cfg = fixture_config()
     model = M.build_model(cfg)
     report = load_initial_weights(model, REF / "tiny_xvlm.th")  # train.py --init's loader
@@ -71,7 +71,7 @@ def _text(cfg: M.ModelConfig, captions: list[str]) -> dict[str, torch.Tensor]:
     return M.build_text_pipeline(cfg)(captions)
 
 
-def _run(model: M.TpasModel, cfg: M.ModelConfig, reference: dict) -> dict[str, torch.Tensor]:
+def _run(model: M.XVLMModel, cfg: M.ModelConfig, reference: dict) -> dict[str, torch.Tensor]:
     """Every recorded output, computed the way tpas computes it (pipeline, transform, model)."""
     images = _pixels(cfg, [image["file"] for image in reference["images"]])
     tokens = _text(cfg, reference["captions"])

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from tpas import fast_itm as fast_itm_lib
-from tpas import model as model_lib
+from tpas import models as model_lib
 from tpas.errors import TpasError
-from tpas.fast_itm import FastItmScorer
-from tpas.retrieval import IvfGallery, rank, resolve_device, resolve_precision
-from tpas.text import TextPipeline
+from tpas.models import fast_itm as fast_itm_lib
+from tpas.models.fast_itm import FastItmScorer
+from tpas.models.text import TextPipeline
+from tpas.retrieval import IvfGallery, rank
+from tpas.runtime import resolve_runtime
 
 
 def _tiny():
@@ -127,9 +128,9 @@ def test_fast_ranking_matches_per_query_loop(layers: int, monkeypatch: pytest.Mo
 
 
 class _Wrapped(model_lib.RetrievalModel):
-    """Another model family: not a TpasModel, so rank() must fall back to its itm_score."""
+    """Another model family: not a XVLMModel, so rank() must fall back to its itm_score."""
 
-    def __init__(self, inner: model_lib.TpasModel):
+    def __init__(self, inner: model_lib.XVLMModel):
         super().__init__()
         self.inner, self.temp, self.calls = inner, inner.temp, 0
 
@@ -177,17 +178,21 @@ def test_reduced_precision_runs_the_fast_path_under_autocast(precision: str) -> 
     assert np.abs(order(half) - order(generic)).max() < 0.05 * spread + 0.05
 
 
-def test_device_and_precision_resolution() -> None:
-    cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
-    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
-    with pytest.raises(TpasError, match="fp16 needs --device cuda"):
-        resolve_precision("fp16", cpu)
-    assert resolve_device("cpu") == cpu
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+def test_one_runtime_resolves_device_and_precision_for_training_and_inference(monkeypatch) -> None:
+    cpu = resolve_runtime("cpu", "auto", inference=True)
+    assert cpu.device == torch.device("cpu") and cpu.precision == "fp32"
+    assert resolve_runtime("cpu", "bf16", inference=True).precision == "bf16"
+    with pytest.raises(TpasError, match="fp16 needs a GPU"):
+        resolve_runtime("cpu", "fp16", inference=True)
     if not torch.cuda.is_available():
-        with pytest.raises(TpasError, match="no CUDA device"):
-            resolve_device("cuda")
+        with pytest.raises(TpasError, match="torch sees no CUDA GPU"):
+            resolve_runtime("cuda", "auto", inference=True)
+    # the auto rules on a GPU: fp16 for inference, bf16 for training where the GPU has it
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_runtime("auto", "auto", inference=True).precision == "fp16"
+    assert resolve_runtime("auto", "auto").precision == "bf16"
+    assert resolve_runtime("cuda", "auto", inference=True).device.type == "cuda"
 
 
 def test_ivf_gallery_finds_k_real_candidates_and_is_exact_with_every_list() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import sys
 import types
@@ -17,21 +18,18 @@ from fakes import _image, _record, write_train
 from safetensors.torch import load_file, save_file
 from torchvision import transforms as T
 
-from tpas import model as model_lib
-from tpas import training
+from tpas import models as model_lib
 from tpas.cli import with_given
 from tpas.errors import TpasError
-from tpas.text import TextPipeline
-from tpas.training import (
-    ResumableSampler,
-    Runtime,
-    TrainConfig,
-    find_checkpoint,
-    load_run_model,
-    resolve_runtime,
-    train,
-    training_step,
-)
+from tpas.models.run import load_run_model, save_weights
+from tpas.models.text import TextPipeline
+from tpas.runtime import Runtime, resolve_runtime
+from tpas.train import TrainConfig, train
+from tpas.train import data as train_data
+from tpas.train.checkpoint import find_checkpoint
+from tpas.train.config import model_config_for
+from tpas.train.data import ResumableSampler, auto_workers, build_image_cache
+from tpas.train.loop import training_step
 
 
 @pytest.fixture(scope="module")
@@ -224,9 +222,9 @@ def test_a_caption_the_text_pipeline_empties_fails_or_is_skipped(tmp_path: Path)
 
 def test_model_flags_override_the_preset_only_when_given(data_root: Path, tmp_path: Path) -> None:
     for preset, tokens in (("lite", 70), ("xvlm-tiny", 40), ("cmp", 56), ("blip-itm", 35), ("clip", 77)):
-        resolved = training.model_config_for(TrainConfig(model=preset))
+        resolved = model_config_for(TrainConfig(model=preset))
         assert resolved.max_tokens == tokens == model_lib.ModelConfig.from_preset(preset).max_tokens
-    given = training.model_config_for(TrainConfig(model="xvlm-tiny", max_tokens=20, trailing_sep=True,
+    given = model_config_for(TrainConfig(model="xvlm-tiny", max_tokens=20, trailing_sep=True,
                                                   caption_clean="strip", max_words=5, pad_to_max_tokens=True))
     assert given.text_settings == {"caption_clean": "strip", "max_words": 5, "trailing_sep": True, "max_tokens": 20,
                                    "pad_to_max_tokens": True}
@@ -306,14 +304,14 @@ def test_device_and_precision_choices() -> None:
 
 def test_auto_workers_follow_the_device_and_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(training.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 ranks share the 16 cores
-    assert training.auto_workers(-1, cuda) == 3
-    assert training.auto_workers(-1, cpu, cpus=2) == 0  # a worker would take a core from the model
-    assert training.auto_workers(-1, cpu, cpus=16) == 1
-    assert training.auto_workers(-1, cuda, cpus=16) == 8
-    assert training.auto_workers(-1, cuda, cpus=2) == 1
-    assert training.auto_workers(3, cpu, cpus=2) == 3  # an explicit count is kept
+    assert auto_workers(-1, cuda) == 3
+    assert auto_workers(-1, cpu, cpus=2) == 0  # a worker would take a core from the model
+    assert auto_workers(-1, cpu, cpus=16) == 1
+    assert auto_workers(-1, cuda, cpus=16) == 8
+    assert auto_workers(-1, cuda, cpus=2) == 1
+    assert auto_workers(3, cpu, cpus=2) == 3  # an explicit count is kept
 
 
 def test_sampler_ranks_split_each_global_batch() -> None:
@@ -341,9 +339,9 @@ def test_image_cache_keeps_training_identical(data_root: Path, tmp_path: Path, m
         assert all(torch.equal(plain[k], cached[k]) for k in plain)
     assert (tmp_path / "disk" / "image_cache.npy").is_file()
     # a resume maps the saved array instead of decoding again
-    monkeypatch.setattr(training, "load_rgb", lambda path: (_ for _ in ()).throw(AssertionError(f"decoded {path}")))
+    monkeypatch.setattr(train_data, "load_rgb", lambda path: (_ for _ in ()).throw(AssertionError(f"decoded {path}")))
     dataset_images = json.loads((tmp_path / "disk" / "image_cache.json").read_text())["images"]
-    cache = training.build_image_cache(dataset_images, data_root, T.Resize((64, 32), interpolation=T.InterpolationMode.BICUBIC),
+    cache = build_image_cache(dataset_images, data_root, T.Resize((64, 32), interpolation=T.InterpolationMode.BICUBIC),
                                        "disk", tmp_path / "disk", progress=False)
     assert isinstance(cache.array, np.memmap) and cache.array.shape == (len(dataset_images), 64, 32, 3)
 
@@ -351,8 +349,8 @@ def test_image_cache_keeps_training_identical(data_root: Path, tmp_path: Path, m
 def test_runtime_flags_reach_the_loop(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     compiled, checkpointing = [], []
     monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or module)
-    original = model_lib.TpasModel.set_grad_checkpointing
-    monkeypatch.setattr(model_lib.TpasModel, "set_grad_checkpointing",
+    original = model_lib.XVLMModel.set_grad_checkpointing
+    monkeypatch.setattr(model_lib.XVLMModel, "set_grad_checkpointing",
                         lambda self, enable=True: checkpointing.append(enable) or original(self, enable))
     summary = train(_cfg(data_root, tmp_path, name="flags", epochs=1, batch_size=4, grad_accum=2, compile=True,
                          grad_checkpointing=True))
@@ -376,9 +374,9 @@ def test_init_weights_are_loaded_and_a_resume_keeps_the_checkpoint(data_root: Pa
             model.itm_head.bias.fill_(0.25)
         return {"summary": "12 tensors loaded, 0 missing"}
 
-    fake = types.ModuleType("tpas.checkpoints")
+    fake = types.ModuleType("tpas.models.convert.xvlm")
     fake.load_initial_weights = load_initial_weights
-    monkeypatch.setitem(sys.modules, "tpas.checkpoints", fake)
+    monkeypatch.setitem(sys.modules, "tpas.models.convert.xvlm", fake)
     start = tmp_path / "xvlm.pth"
     # lr 0: the weights stay what --init loaded
     train(_cfg(data_root, tmp_path, name="init", init=start, lr=0.0, max_steps=1))
@@ -408,7 +406,7 @@ def test_saved_weights_follow_the_umask(tmp_path: Path) -> None:
 
     old = os.umask(0o002)  # not the 0600 that safetensors gives its own files
     try:
-        training.save_weights(torch.nn.Linear(2, 2), tmp_path / "model.safetensors")
+        save_weights(torch.nn.Linear(2, 2), tmp_path / "model.safetensors")
     finally:
         os.umask(old)
     assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o664

@@ -1,7 +1,7 @@
-"""The X-VLM presets and `--init` loading (tpas.checkpoints).
+"""The X-VLM presets and `--init` loading (tpas.models.convert.xvlm).
 
 X-VLM's released checkpoints cannot be had offline, so the checkpoints here are written in their
-exact layout (`to_xvlm`, independent of tpas.checkpoints' mapping): Microsoft's Swin names with
+exact layout (`to_xvlm`, independent of tpas.models.convert.xvlm' mapping): Microsoft's Swin names with
 the patch merging at the END of a stage and the relative_position_index / attn_mask buffers
 saved; BertForMaskedLM's `text_encoder.bert.*` whose top layers carry the cross-attention;
 `itm_head.0/1/3`; the MLM and box heads X-VLM has and we do not use.
@@ -16,10 +16,11 @@ import torch
 from safetensors.torch import save_file
 from timm.layers import resize_rel_pos_bias_table
 
-from tpas import checkpoints as C
-from tpas import model as M
+from tpas import models as M
 from tpas.errors import TpasError
-from tpas.text import TextPipeline
+from tpas.models import backbones
+from tpas.models.convert import xvlm as C
+from tpas.models.text import TextPipeline
 
 CAPTIONS = ["a man in a red jacket lying on the pavement", "a woman in a blue coat running across the street",
             "a child with a yellow backpack falling off a bike"]
@@ -30,12 +31,12 @@ def _cfg(**overrides) -> M.ModelConfig:
     return M.ModelConfig.from_preset("xvlm-tiny", **overrides)
 
 
-def _model(seed: int, cfg: M.ModelConfig | None = None) -> M.TpasModel:
+def _model(seed: int, cfg: M.ModelConfig | None = None) -> M.XVLMModel:
     torch.manual_seed(seed)
     return M.build_model(cfg or _cfg()).eval()
 
 
-def to_xvlm(model: M.TpasModel) -> dict[str, torch.Tensor]:
+def to_xvlm(model: M.XVLMModel) -> dict[str, torch.Tensor]:
     """Our model's weights under X-VLM's checkpoint names (the inverse of the --init mapping)."""
     text_layers = len(model.text_encoder.encoder.layer)
     out = {}
@@ -77,7 +78,7 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def source() -> M.TpasModel:
+def source() -> M.XVLMModel:
     return _model(seed=0)
 
 
@@ -87,7 +88,7 @@ def _inputs(tokenizer, cfg: M.ModelConfig) -> tuple:
     return images, tokens["input_ids"], tokens["attention_mask"]
 
 
-def _outputs(model: M.TpasModel, images, ids, mask) -> list[torch.Tensor]:
+def _outputs(model: M.XVLMModel, images, ids, mask) -> list[torch.Tensor]:
     with torch.no_grad():
         image_embeds, image_feat = model.encode_image(images)
         text_embeds, text_feat = model.encode_text(ids, mask)
@@ -250,11 +251,11 @@ def test_xvlm_tiny_trains_and_infers(tokenizer):
 
 def test_fusion_layers_start_from_the_layers_after_the_text_layers():
     cfg = _cfg()
-    text, image = M.build_text_encoder(cfg), M.build_image_encoder(cfg)
+    text, image = backbones.build_text_encoder(cfg), backbones.build_image_encoder(cfg, img_size=cfg.image_size)
     layers = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in text.encoder.layer]
     with pytest.raises(TpasError, match="only 4 layers"):
-        M.TpasModel(_cfg(text_layers=3), image, text)
-    model = M.TpasModel(cfg, image, text)
+        M.XVLMModel(_cfg(text_layers=3), image, text)
+    model = M.XVLMModel(cfg, image, text)
     assert len(model.text_encoder.encoder.layer) == 2 and model.text_encoder.config.num_hidden_layers == 2
     for index, fusion_layer in enumerate(model.fusion):  # BERT layers 2 and 3, not copies of the text layers
         fusion_state = fusion_layer.state_dict()
@@ -287,7 +288,7 @@ def test_xvlm_base_has_x_vlms_geometry_and_says_it_is_random():
 
 def test_the_packaged_tokenizer_is_bert_base_uncased():
     """xvlm-base tokenises with the packaged MiniLM's vocab, which is bert-base-uncased's file."""
-    vocab = (M.packaged_text_model_dir() / "vocab.txt").read_bytes()
+    vocab = (backbones.packaged_text_model_dir() / "vocab.txt").read_bytes()
     assert hashlib.md5(vocab).hexdigest() == "64800d5d8528ce344256daf115d4965e"  # bert-base-uncased vocab.txt
     tokenizer = M.build_tokenizer(M.ModelConfig.from_preset("xvlm-base"))
     assert len(tokenizer) == 30522 and tokenizer("A MAN")["input_ids"] == [101, 1037, 2158, 102]
@@ -300,7 +301,7 @@ def _cmp_cfg(**overrides) -> M.ModelConfig:
     return _cfg(itc_head="cmp", embed_dim=24, **{**M.CMP_TEXT, **overrides})
 
 
-def to_cmp(model: M.TpasModel) -> dict[str, torch.Tensor]:
+def to_cmp(model: M.XVLMModel) -> dict[str, torch.Tensor]:
     """Our cmp-head model's weights under CMP's names (models/cmp.py, model_search.py, pose.py):
     X-VLM's layout without bbox_head, plus the pose branch at Swin width."""
     out = {k: v for k, v in to_xvlm(model).items() if not k.startswith("bbox_head.")}

@@ -43,7 +43,7 @@ import pandas as pd
 from scipy.stats import binomtest
 
 from tpas import figures
-from tpas import model as model_lib
+from tpas import models as model_lib
 from tpas import scores as scores_lib
 from tpas.cli import config_command, field
 from tpas.data import ensure_data
@@ -53,13 +53,9 @@ from tpas.io import json_default, read_json, write_json, write_parquet, write_te
 from tpas.metrics import ranking_metrics
 from tpas.retrieval import InferConfig, infer
 from tpas.schema import ground_truth, read_candidates, read_queries
-from tpas.training import (
-    MODEL_FLAGS,
-    TrainConfig,
-    find_checkpoint,
-    model_config_for,
-    train,
-)
+from tpas.train import TrainConfig, train
+from tpas.train.checkpoint import find_checkpoint
+from tpas.train.config import MODEL_FLAGS, model_config_for
 
 STAGE_FILE = "stage.json"
 # Fields that change where or how fast something runs, never what it computes.

@@ -3,15 +3,14 @@
 Writes a stage directory (see tpas.schema): candidates.parquet, queries.parquet,
 gallery.parquet (image, path), metrics.json (with ground truth) and infer_config.json.
 Gallery features are cached on disk, keyed by the model weights, the gallery files and the precision.
-ITM re-ranking of a TpasModel goes through tpas.fast_itm (exact, ~3x less work than scoring each
-pair with model.itm_score); other model families use their itm_score.
+ITM re-ranking of an XVLMModel goes through its itm_scorer (tpas.models.fast_itm (exact, ~3x less work than scoring each
+pair with model.itm_score); other model families use their itm_logits).
 """
 # tpas.cli.field returns a dataclasses.field (it only adds the --help text), so RUF009 does not apply.
 # ruff: noqa: RUF009
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import time
@@ -26,14 +25,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from tpas import fast_itm as fast_itm_lib
-from tpas import model as model_lib
+from tpas import models as model_lib
 from tpas import scores as scores_lib
 from tpas.cli import field
 from tpas.data import TestSet, ensure_data, load_rgb, load_test_set
 from tpas.errors import TpasError
 from tpas.io import atomic_path, staged_dir, write_json, write_parquet
 from tpas.metrics import format_metrics, ranking_metrics
+from tpas.models.text import TextPipeline
+from tpas.runtime import autocast, resolve_runtime
 from tpas.schema import (
     CANDIDATES_FILE,
     QUERIES_FILE,
@@ -41,8 +41,6 @@ from tpas.schema import (
     ground_truth,
     queries_frame,
 )
-from tpas.text import TextPipeline
-from tpas.training import load_run_model
 
 
 @dataclass
@@ -85,37 +83,6 @@ class InferConfig:
 
 
 INFER_OUTPUTS = (CANDIDATES_FILE, QUERIES_FILE, "gallery.parquet", "infer_config.json", "metrics.json")
-_AMP_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto|cpu|cuda -> a torch device (auto: cuda when torch sees one)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TpasError("--device cuda: torch sees no CUDA device here; use --device cpu (or auto).")
-    if name not in ("cpu", "cuda"):
-        raise TpasError(f"--device {name!r}: choose auto, cpu or cuda.")
-    return torch.device(name)
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """auto|fp32|fp16|bf16 -> fp32|fp16|bf16 (auto: fp16 on cuda, fp32 on cpu)."""
-    if name == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    if name not in _AMP_DTYPES:
-        raise TpasError(f"--precision {name!r}: choose auto, fp32, fp16 or bf16.")
-    if name == "fp16" and device.type != "cuda":
-        raise TpasError("--precision fp16 needs --device cuda; on a CPU use --precision bf16 or fp32.")
-    return name
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """torch.autocast for fp16/bf16; nothing for fp32."""
-    dtype = _AMP_DTYPES[precision]
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
 class IvfGallery:
     """Approximate ITC top-k with a FAISS inverted-file index (inner product) over unit gallery features.
 
@@ -212,8 +179,8 @@ def rank(model: model_lib.RetrievalModel, text: TextPipeline, captions: list[str
 
     Runs where image_feat / image_embeds are (the model must be there too), under autocast for
     precision fp16/bf16. Captions are processed in order of token length, so a batch pads little;
-    the ITM batches hold whole queries. A TpasModel is scored by tpas.fast_itm (exact; off with
-    fast_itm=False), any other model by its itm_score. gallery_index="faiss-ivf" finds the ITC top-k
+    the ITM batches hold whole queries. A model with an itm_scorer (the xvlm family: tpas.models.fast_itm, exact) is
+    scored by it (off with fast_itm=False), any other by its itm_logits. gallery_index="faiss-ivf" finds the ITC top-k
     approximately (IvfGallery), for galleries of millions.
 
     Returns arrays of shape [Q, k] in caption order, each row sorted by score: index, itc, itm
@@ -235,8 +202,7 @@ def rank(model: model_lib.RetrievalModel, text: TextPipeline, captions: list[str
         raise TpasError(f"--gallery-index {gallery_index!r}: choose exact or faiss-ivf.")
     ivf = IvfGallery(image_feat, nprobe) if gallery_index == "faiss-ivf" else None
     with autocast(device, precision):
-        scorer = (fast_itm_lib.FastItmScorer(model, image_embeds)
-                  if use_itm and fast_itm and fast_itm_lib.supports(model) else None)
+        scorer = model.itm_scorer(image_embeds) if use_itm and fast_itm else None
         bar = tqdm(total=n, desc="ranking", disable=not progress, leave=False)
         for start in range(0, n, text_batch):
             rows = order[start:start + text_batch]
@@ -276,6 +242,7 @@ def rank(model: model_lib.RetrievalModel, text: TextPipeline, captions: list[str
     out["itm_logits"] = np.take_along_axis(top_logits, best[..., None], axis=1) if use_itm else None
     out["itm"] = (out["itm_logits"][..., 1] - out["itm_logits"][..., 0]) if use_itm else np.full((n, k), np.nan, np.float32)
     out["itc_range"] = (itc_low, itc_high)
+    out["fast_itm"] = scorer is not None
     return out
 
 
@@ -288,7 +255,7 @@ def _load_model(cfg: InferConfig) -> tuple[model_lib.RetrievalModel, model_lib.M
     run = Path(cfg.run)
     if not (run / "config.json").is_file():
         raise TpasError(f"{run}: no trained run here; run `python train.py` first, pass --run, or use --zero-shot.")
-    model, model_cfg = load_run_model(run)
+    model, model_cfg = model_lib.load_run_model(run)
     return model, model_cfg, _file_digest(run / "model.safetensors")
 
 
@@ -328,8 +295,8 @@ def infer(cfg: InferConfig) -> dict:
     started = time.time()
     ensure_data(cfg.data_root, cfg.seed)
     test = load_test_set(cfg.data_root, cfg.source, cfg.query_file)
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    runtime = resolve_runtime(cfg.device, cfg.precision, inference=True)
+    device, precision = runtime.device, runtime.precision
     model, model_cfg, model_key = _load_model(cfg)
     model.to(device)
     text = model_lib.build_text_pipeline(model_cfg)
@@ -355,7 +322,7 @@ def infer(cfg: InferConfig) -> dict:
     summary: dict[str, Any] = {"queries": len(queries), "gallery": len(test.gallery), "k": int(ranked["index"].shape[1]),
                                "source": test.source, "gallery_cache_hit": from_cache,
                                "device": str(device), "precision": precision,
-                               "fast_itm": bool(use_itm and cfg.fast_itm and fast_itm_lib.supports(model)),
+                               "fast_itm": ranked["fast_itm"],
                                "score": rule, "itc_weight": itc_weight if use_itm else None,
                                "text": text.describe()}
     gt = ground_truth(queries)  # as sca.py and submit.py: score the queries that have ground truth
@@ -387,7 +354,7 @@ def resolve_score_rule(cfg: InferConfig, model_cfg: model_lib.ModelConfig, use_i
         if cfg.score not in (None, "itc"):
             print(f"--score {cfg.score}: this model is ranked without ITM, so by ITC alone")
         return "itc"
-    return cfg.score or scores_lib.default_rule(model_cfg.preset)
+    return cfg.score or model_cfg.score_rule
 
 
 def score_rule_metrics(test: TestSet, ranked: dict[str, Any], gt: dict[str, str], itc_weight: float,

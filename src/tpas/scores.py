@@ -26,21 +26,16 @@ from __future__ import annotations
 import numpy as np
 
 from tpas.errors import TpasError
+from tpas.models.config import PRESETS
 
 SCORE_RULES = ("xvlm", "cmp", "blip", "log-odds", "tpas", "itc")
 FORMULAS = {"xvlm": "l1", "cmp": "minmax(l1) + 0.002 minmax(ITC)", "blip": "l1 + ITC", "log-odds": "l1 - l0",
             "tpas": "l1 - l0 + ITC / temp", "itc": "ITC"}
 CMP_ITC_WEIGHT = 0.002  # CMP eval.py: ITM + 0.002 * ITC, both min-max normalised
 
-# Which rule a preset ranks by unless --score says otherwise: the reference's own for the models
-# that have one (X-VLM, BLIP); for the demo's lite/tiny models, the rule measured best on the demo
-# validation set (docs/results.md, "Score rules"); CLIP has no ITM head.
-DEFAULT_SCORE_RULE = {"xvlm-base": "xvlm", "xvlm-tiny": "xvlm", "cmp": "cmp", "blip-itm": "blip", "lite": "tpas", "tiny": "tpas",
-                      "clip": "itc"}
-
-
 def default_rule(preset: str) -> str:
-    return DEFAULT_SCORE_RULE.get(preset, "tpas")
+    """The rule a preset ranks by unless --score says otherwise (its score_rule in the presets table)."""
+    return PRESETS.get(preset, {}).get("score_rule", "tpas")
 
 
 def _minmax(values: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tpas import fast_itm as fast_itm_lib
-from tpas import model as model_lib
+from tpas import models as model_lib
 from tpas.bench._common import machine_info, measure, print_table
 from tpas.cli import config_command, field
 from tpas.errors import TpasError
 from tpas.io import write_json
+from tpas.models import fast_itm as fast_itm_lib
 
 # ---------------------------------------------------------------- this benchmark
 

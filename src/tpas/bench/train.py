@@ -28,12 +28,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tpas import model as model_lib
-from tpas import training
+from tpas import models as model_lib
 from tpas.cli import config_command, field
 from tpas.data import ensure_data, load_train_annotations
 from tpas.errors import TpasError
 from tpas.io import write_json
+from tpas.runtime import Runtime, resolve_runtime
+from tpas.train.data import (
+    PairDataset,
+    ResumableSampler,
+    build_image_cache,
+    leading_resize,
+    make_collate,
+    make_loader,
+)
+from tpas.train.loop import training_step
 
 SETTING = re.compile(r"^w(\d+)(?:\+(memory|disk))?$")
 
@@ -81,25 +90,25 @@ def _worker_pids(loader: torch.utils.data.DataLoader) -> list[int]:
 
 
 def time_setting(cfg: BenchTrainConfig, setting: str, frame: Any, model: model_lib.RetrievalModel, text: Any,
-                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, runtime: training.Runtime) -> dict:
+                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, runtime: Runtime) -> dict:
     match = SETTING.match(setting)
     if not match:
         raise TpasError(f"--settings {setting!r}: expected w<workers> optionally followed by +memory or +disk, e.g. w2+memory.")
     workers, cache_mode = int(match[1]), match[2] or "none"
     transform = model_lib.image_transform(model.cfg, train=True)
-    dataset = training.PairDataset(frame, cfg.data_root, transform, cfg.seed)
+    dataset = PairDataset(frame, cfg.data_root, transform, cfg.seed)
     cache_s, cache_mb = 0.0, 0.0
     if cache_mode != "none":
-        resize = training.leading_resize(transform)
+        resize = leading_resize(transform)
         if resize is None:
             raise TpasError(f"--settings {setting}: the {cfg.model} transform has no fixed-size Resize to cache.")
         start = time.perf_counter()
         folder = cfg.output.parent / "train_image_cache"
-        dataset.cache = training.build_image_cache(dataset.image_paths(), cfg.data_root, resize, cache_mode, folder,
+        dataset.cache = build_image_cache(dataset.image_paths(), cfg.data_root, resize, cache_mode, folder,
                                                    progress=cfg.progress)
         cache_s, cache_mb = time.perf_counter() - start, dataset.cache.array.nbytes / 2**20
-    sampler = training.ResumableSampler(len(dataset), cfg.seed, cfg.batch_size)
-    loader = training.make_loader(dataset, sampler, training.make_collate(text), workers,
+    sampler = ResumableSampler(len(dataset), cfg.seed, cfg.batch_size)
+    loader = make_loader(dataset, sampler, make_collate(text), workers,
                                   runtime, cfg.seed)
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(runtime.device)
@@ -122,7 +131,7 @@ def time_setting(cfg: BenchTrainConfig, setting: str, frame: Any, model: model_l
         timings["wait"] = time.perf_counter() - start
         # CPU seconds do not stretch when other work shares the cores, unlike wall seconds
         timings["load_cpu_main"], cpu_start = time.process_time() - cpu_start, time.process_time()
-        training.training_step(model, [batch], optimizer, scaler, runtime, timings)
+        training_step(model, [batch], optimizer, scaler, runtime, timings)
         timings["model_cpu"] = time.process_time() - cpu_start
         if step >= cfg.warmup:
             per_step.append(time.perf_counter() - start)
@@ -181,7 +190,7 @@ def run(cfg: BenchTrainConfig) -> dict:
     if len(frame) < cfg.batch_size:
         raise TpasError(f"{cfg.data_root}: {len(frame)} training pairs, fewer than --batch-size {cfg.batch_size}.")
     frame = frame.sample(min(cfg.subset, len(frame)), random_state=cfg.seed).reset_index(drop=True)
-    runtime = training.resolve_runtime(cfg.device, cfg.precision)
+    runtime = resolve_runtime(cfg.device, cfg.precision)
     torch.manual_seed(cfg.seed)
     model_cfg = model_lib.ModelConfig.from_preset(cfg.model)
     model = model_lib.build_model(model_cfg).to(runtime.device).train()

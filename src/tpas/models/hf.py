@@ -14,7 +14,7 @@ Salesforce/blip-itm-base-coco --local-dir /ckpt/blip`) or a hub name, read from 
 and fetched only when online. `cfg.hf_config` builds a random model offline (tests). Building
 records the transformers config in `cfg.hf_config` (and its ITC size in `cfg.embed_dim`), so a run
 directory's config.json rebuilds the architecture without the hub; the weights then come from the
-run's model.safetensors (training.load_run_model passes image_pretrained=text_pretrained=False).
+run's model.safetensors (tpas.models.run.load_run_model passes image_pretrained=text_pretrained=False).
 """
 
 from __future__ import annotations
@@ -40,8 +40,11 @@ from transformers import (
     PreTrainedModel,
 )
 
-from tpas import model as model_lib
 from tpas.errors import TpasError
+from tpas.models.backbones import quiet_hf_loading, text_model_dir
+from tpas.models.base import RetrievalModel
+from tpas.models.config import ModelConfig
+from tpas.models.registry import register_family
 
 # Tiny random architectures (a few seconds on a CPU) for tests and smoke runs; text vocabularies fit
 # the packaged MiniLM (bert-base-uncased) tokenizer that random hf_config models use.
@@ -112,12 +115,12 @@ def _config_dict(config: PretrainedConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the wrappers
 
-class _HfRetrievalModel(model_lib.RetrievalModel):
+class _HfRetrievalModel(RetrievalModel):
     """Shared by the wrappers: `self.model` is the transformers model, `temp` the ITC temperature."""
 
     model: PreTrainedModel
 
-    def __init__(self, cfg: model_lib.ModelConfig, model: PreTrainedModel, new_names: set[str]):
+    def __init__(self, cfg: ModelConfig, model: PreTrainedModel, new_names: set[str]):
         super().__init__()
         self.cfg = cfg
         self.model = model
@@ -148,7 +151,7 @@ class BlipRetrievalModel(_HfRetrievalModel):
 
     model: BlipForImageTextRetrieval
 
-    def __init__(self, cfg: model_lib.ModelConfig, model: BlipForImageTextRetrieval, missing: set[str]):
+    def __init__(self, cfg: ModelConfig, model: BlipForImageTextRetrieval, missing: set[str]):
         # transformers' BLIP keeps no ITC temperature (BLIP learns one): start from cfg.temp
         super().__init__(cfg, model, {"temp", *(f"model.{k}" for k in missing)})
         self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
@@ -180,7 +183,7 @@ class ClipRetrievalModel(_HfRetrievalModel):
     model: CLIPModel
     has_itm = False
 
-    def __init__(self, cfg: model_lib.ModelConfig, model: CLIPModel, missing: set[str]):
+    def __init__(self, cfg: ModelConfig, model: CLIPModel, missing: set[str]):
         # temp = 1 / exp(logit_scale) starts from the checkpoint's scale and replaces it (frozen, unused)
         names = {f"model.{k}" for k in missing} | ({"temp"} if "logit_scale" in missing else set())
         super().__init__(cfg, model, names)
@@ -206,26 +209,35 @@ class ClipRetrievalModel(_HfRetrievalModel):
 
 # ---------------------------------------------------------------- building
 
-# family -> (config class, transformers model class, wrapper, accepted config model_types)
-_FAMILIES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel], type[_HfRetrievalModel], tuple[str, ...]]] = {
-    "blip": (BlipConfig, BlipForImageTextRetrieval, BlipRetrievalModel, ("blip",)),
-    "clip": (CLIPConfig, CLIPModel, ClipRetrievalModel, ("clip",)),
-}
+def build_tokenizer(cfg: ModelConfig) -> Any:
+    """The tokenizer saved with cfg.hf_model; a random hf_config model reads the packaged MiniLM's."""
+    if cfg.hf_model:
+        return build_hf_tokenizer(cfg.hf_model)
+    return AutoTokenizer.from_pretrained(str(text_model_dir(cfg)))
 
 
-def _projection_dim(family: str, config: PretrainedConfig) -> int:
-    return config.image_text_hidden_size if family == "blip" else config.projection_dim
+@register_family("blip", build_tokenizer=build_tokenizer, reads_hf_model=True)
+def build_blip(cfg: ModelConfig) -> RetrievalModel:
+    """transformers' BlipForImageTextRetrieval, wrapped (see build_hf_model)."""
+    return build_hf_model(cfg, BlipConfig, BlipForImageTextRetrieval, BlipRetrievalModel, ("blip",),
+                          lambda config: config.image_text_hidden_size)
 
 
-def build_hf_model(cfg: model_lib.ModelConfig) -> model_lib.RetrievalModel:
-    """BLIP / CLIP for cfg.family: pretrained from cfg.hf_model when cfg asks for pretrained weights,
-    else random with the architecture of cfg.hf_config (or of cfg.hf_model's config.json).
+@register_family("clip", build_tokenizer=build_tokenizer, reads_hf_model=True)
+def build_clip(cfg: ModelConfig) -> RetrievalModel:
+    """transformers' CLIPModel (and EVA-CLIP-style checkpoints that load as one), wrapped."""
+    return build_hf_model(cfg, CLIPConfig, CLIPModel, ClipRetrievalModel, ("clip",),
+                          lambda config: config.projection_dim)
+
+
+def build_hf_model(cfg: ModelConfig, config_cls: type[PretrainedConfig], model_cls: type[PreTrainedModel],
+                   wrapper: type[_HfRetrievalModel], model_types: tuple[str, ...],
+                   projection_dim: Callable[[PretrainedConfig], int]) -> RetrievalModel:
+    """A transformers model for cfg: pretrained from cfg.hf_model when cfg asks for pretrained
+    weights, else random with the architecture of cfg.hf_config (or of cfg.hf_model's config.json).
 
     Records the architecture in cfg.hf_config and its ITC size in cfg.embed_dim (see module doc).
     """
-    if cfg.family not in _FAMILIES:
-        raise TpasError(f"model family {cfg.family!r} is not a transformers family; choose one of {sorted(_FAMILIES)}.")
-    config_cls, model_cls, wrapper, model_types = _FAMILIES[cfg.family]
     pretrained = cfg.image_pretrained or cfg.text_pretrained
     if cfg.hf_model and pretrained and cfg.image_pretrained != cfg.text_pretrained:
         raise TpasError(f"{cfg.family} models load their weights as a whole; set image_pretrained and "
@@ -234,7 +246,7 @@ def build_hf_model(cfg: model_lib.ModelConfig) -> model_lib.RetrievalModel:
     if cfg.hf_model and pretrained:
         config = _load(AutoConfig.from_pretrained, cfg.hf_model, "model config")
         _check_model_type(config, model_types, cfg)
-        with model_lib._quiet_hf_loading():
+        with quiet_hf_loading():
             model, info = _load(model_cls.from_pretrained, cfg.hf_model, "model", config=config,
                                 dtype=torch.float32, output_loading_info=True)
         missing = set(info.get("missing_keys", ()))
@@ -253,17 +265,17 @@ def build_hf_model(cfg: model_lib.ModelConfig) -> model_lib.RetrievalModel:
         model = model_cls(config)
     _check_fit(cfg, model.config)
     cfg.hf_config = _config_dict(model.config)
-    cfg.embed_dim = _projection_dim(cfg.family, model.config)
+    cfg.embed_dim = projection_dim(model.config)
     return wrapper(cfg, model, missing)
 
 
-def _check_model_type(config: PretrainedConfig, model_types: tuple[str, ...], cfg: model_lib.ModelConfig) -> None:
+def _check_model_type(config: PretrainedConfig, model_types: tuple[str, ...], cfg: ModelConfig) -> None:
     if config.model_type not in model_types:
         raise TpasError(f"{cfg.hf_model or 'hf_config'}: a {config.model_type!r} model, but family {cfg.family!r} "
                         f"needs one of {model_types}; pick the preset that fits the checkpoint.")
 
 
-def _check_fit(cfg: model_lib.ModelConfig, config: PretrainedConfig) -> None:
+def _check_fit(cfg: ModelConfig, config: PretrainedConfig) -> None:
     """Captions and the tokenizer must fit the text model."""
     text = config.text_config
     if cfg.max_tokens > text.max_position_embeddings:
@@ -271,6 +283,6 @@ def _check_fit(cfg: model_lib.ModelConfig, config: PretrainedConfig) -> None:
                         f"{text.max_position_embeddings} positions; pass --max-tokens {text.max_position_embeddings} "
                         f"or less.")
     if not cfg.hf_model:  # a random model reads the packaged MiniLM tokenizer's ids
-        vocab = len(model_lib.build_tokenizer(cfg))
+        vocab = len(build_tokenizer(cfg))
         if text.vocab_size < vocab:
             raise TpasError(f"hf_config text vocab_size {text.vocab_size} is smaller than the tokenizer's {vocab}.")

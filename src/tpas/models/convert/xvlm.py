@@ -50,7 +50,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from tpas.errors import TpasError
-from tpas.model import RetrievalModel, TpasModel
+from tpas.models.base import RetrievalModel
+from tpas.models.xvlm import DirectTokens, XVLMModel
 
 TORCH_SUFFIXES = (".th", ".pth", ".pt", ".bin")
 STATE_DICT_KEYS = ("model", "state_dict", "module")  # where training scripts nest the weights
@@ -215,7 +216,7 @@ def _convert_swin(vision: dict[str, torch.Tensor], image_encoder: torch.nn.Modul
 def load_initial_weights(model: RetrievalModel, path: str | Path) -> dict:
     """Load the weights at `path` into `model` (before training) and report what happened.
 
-    Returns {"path", "schema" ("tpas" | "xvlm" | "cmp"), "loaded", "ignored", "unmapped", "missing",
+    Returns {"path", "schema" ("tpas" | "xvlm" | "cmp"; tpas = our own names), "loaded", "ignored", "unmapped", "missing",
     "interpolated", "counts"}: model keys loaded, source keys ignored on purpose (with the
     reason), source keys with no counterpart, model keys left as they were (uninitialised), and
     relative-position tables resized to the model's windows. Unmapped and missing keys are also
@@ -235,7 +236,7 @@ def load_state(model: RetrievalModel, state: dict[str, torch.Tensor], path: str)
 
     if is_xvlm_state_dict(state):
         schema = "cmp" if is_cmp_state_dict(state) else "xvlm"
-        if not isinstance(model, TpasModel) or model.cfg.image_tokens != "direct":
+        if not isinstance(model, XVLMModel) or not isinstance(model.image_adapter, DirectTokens):
             raise TpasError(f"{path}: an X-VLM/CMP checkpoint fits only the X-VLM-style models; use --model "
                             f"{'cmp' if schema == 'cmp' else 'xvlm-base'}.")
         itc_head = model.cfg.itc_head

@@ -1,0 +1,361 @@
+"""The X-VLM family (`xvlm`): image encoder, text encoder, cross-modal fusion encoder, ITC + ITM.
+
+X-VLM (Zeng et al., 2022) as CMP and HFUT-LMC fine-tune it on PAB, and the lite/tiny CPU models
+built the same way:
+- image encoder: a timm backbone; its final feature map becomes image tokens through one of two
+  adapters (`ImageTokens`): `projected` (a CNN's map projected to the text width, lite/tiny) or
+  `direct` (a Swin's tokens as X-VLM uses them, xvlm-*/cmp);
+- text encoder: a BERT-like `BertModel` (lite: the packaged MiniLM-L6; xvlm-*: BERT-base's first
+  6 layers, the next 6 becoming the fusion layers);
+- fusion encoder: `FusionLayer`s (self-attention, cross-attention to the image tokens, FFN),
+  started from the text model's top layers;
+- heads: ITC projections (X-VLM's Linear on the CLS, or CMP's pooled BatchNorm head,
+  `itc_head="cmp"`), an ITM head (linear, or X-VLM's MLP), a learnable temperature.
+Losses are the shared ones (tpas.models.losses); tpas.models.fast_itm re-ranks exactly and faster.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers.activations import ACT2FN
+
+from tpas.errors import TpasError
+from tpas.models.backbones import (
+    build_image_encoder,
+    build_text_encoder,
+    text_model_dir,
+)
+from tpas.models.base import RetrievalModel
+from tpas.models.config import ModelConfig
+from tpas.models.registry import register_family
+
+# ---------------------------------------------------------------- fusion encoder
+
+class _QKV(nn.Module):
+    def __init__(self, hidden: int, kv_width: int | None = None):
+        super().__init__()
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(kv_width or hidden, hidden)
+        self.value = nn.Linear(kv_width or hidden, hidden)
+
+
+class _DenseNorm(nn.Module):
+    """dense -> dropout -> residual add -> LayerNorm (BERT's *Output blocks)."""
+
+    def __init__(self, in_dim: int, hidden: int, eps: float, dropout: float):
+        super().__init__()
+        self.dense = nn.Linear(in_dim, hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class _Attention(nn.Module):
+    def __init__(self, config: BertConfig, kv_width: int | None = None):
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.attn_dropout = config.attention_probs_dropout_prob
+        self.self = _QKV(config.hidden_size, kv_width)
+        self.output = _DenseNorm(config.hidden_size, config.hidden_size, config.layer_norm_eps,
+                                 config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        q = self._heads(self.self.query(x))
+        k = self._heads(self.self.key(context))
+        v = self._heads(self.self.value(context))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.attn_dropout if self.training else 0.0)
+        return self.output(out.transpose(1, 2).flatten(2), x)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, L, D] -> [B, heads, L, D / heads]"""
+        return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+
+class _Intermediate(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x))
+
+
+class FusionLayer(nn.Module):
+    """A BERT layer plus cross-attention to image tokens. Parameter names follow `BertLayer`
+    (attention.self.query, ..., output.LayerNorm) so its weights copy over by name.
+
+    encoder_width: the image tokens' width, read by the cross-attention key/value (X-VLM's
+    `encoder_width`: the Swin's 1024 for a 768-wide BERT); None = the text width."""
+
+    def __init__(self, config: BertConfig, encoder_width: int | None = None):
+        super().__init__()
+        self.attention = _Attention(config)
+        self.crossattention = _Attention(config, kv_width=encoder_width)
+        self.intermediate = _Intermediate(config)
+        self.output = _DenseNorm(config.intermediate_size, config.hidden_size, config.layer_norm_eps,
+                                 config.hidden_dropout_prob)
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """text [B, L, D]; text_mask bool [B, 1, 1, L] (True = real token); image [B, N, encoder_width]."""
+        x = self.attention(text, text, text_mask)
+        x = self.crossattention(x, image, None)  # every image token is real: no mask
+        return self.output(self.intermediate(x), x)
+
+
+# ---------------------------------------------------------------- image tokens
+
+# Parameters the projected adapter creates rather than loads from pretrained weights; they train
+# at lr * new_lr_mult. Everything else (CNN, text encoder, fusion self-attention/FFN) is pretrained.
+NEW_PARAM_PREFIXES = ("image_proj.", "image_pos_embed", "image_norm.", "vision_proj.", "text_proj.", "itm_head.",
+                      "temp")
+NEW_PARAM_INFIX = ".crossattention."  # inside fusion.<i>: the cross-attention is new
+# With direct tokens every weight, cross-attention included, comes from one image-text checkpoint
+# (X-VLM's or CMP's, via train.py --init); as X-VLM's own fine-tuning does, only the ITC/ITM heads
+# and the temperature then train at lr * new_lr_mult.
+DIRECT_NEW_PARAM_PREFIXES = ("vision_proj.", "text_proj.", "itm_head.", "temp")
+
+
+class ImageTokens:
+    """How a backbone's final feature map becomes the fusion encoder's image tokens, CLS first.
+    An adapter creates its parameters on the model (so their names are the model's own) and says
+    which of the model's parameters are new."""
+
+    channels_last = False  # the backbone gives [B, h, w, C] (a Swin) rather than [B, C, h, w]
+
+    def backbone_kwargs(self, cfg: ModelConfig) -> dict[str, Any]:
+        return {}
+
+    def build(self, model: nn.Module, channels: int, grid: tuple[int, int], tcfg: BertConfig) -> int:
+        """Create the adapter's parameters on `model`; returns the tokens' width."""
+        raise NotImplementedError
+
+    def tokens(self, model: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def is_new_parameter(self, name: str) -> bool:
+        raise NotImplementedError
+
+
+class ProjectedTokens(ImageTokens):
+    """A CNN's map projected to the text width, CLS = the tokens' mean, plus learned position
+    embeddings (a pedestrian crop's layout, head above feet, carries the action) and a LayerNorm
+    (BERT's states are normalised; image tokens get the same scale for cross-attention)."""
+
+    def build(self, model: nn.Module, channels: int, grid: tuple[int, int], tcfg: BertConfig) -> int:
+        hidden = tcfg.hidden_size
+        model.image_proj = nn.Linear(channels, hidden)
+        model.image_pos_embed = nn.Parameter(torch.zeros(1, 1 + grid[0] * grid[1], hidden))
+        nn.init.trunc_normal_(model.image_pos_embed, std=0.02)
+        model.image_norm = nn.LayerNorm(hidden, eps=tcfg.layer_norm_eps)
+        return hidden
+
+    def tokens(self, model: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
+        tokens = model.image_proj(fmap.flatten(2).transpose(1, 2))
+        # CLS = projected global average pool; the projection is linear, so pool after projecting
+        embeds = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1) + model.image_pos_embed
+        return model.image_norm(embeds)
+
+    def is_new_parameter(self, name: str) -> bool:
+        return name.startswith(NEW_PARAM_PREFIXES) or (name.startswith("fusion.") and NEW_PARAM_INFIX in name)
+
+
+class DirectTokens(ImageTokens):
+    """X-VLM's: a Swin's (final-LayerNorm'ed) tokens as they are, CLS = their mean; the
+    cross-attention keys/values and vision_proj read their width (tpas.models.convert.xvlm loads
+    X-VLM's and CMP's weights into this layout)."""
+
+    channels_last = True
+
+    def backbone_kwargs(self, cfg: ModelConfig) -> dict[str, Any]:
+        return {"img_size": cfg.image_size}  # a Swin fixes its input size (attention masks) when built
+
+    def build(self, model: nn.Module, channels: int, grid: tuple[int, int], tcfg: BertConfig) -> int:
+        return channels
+
+    def tokens(self, model: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
+        tokens = fmap.flatten(1, 2)
+        return torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1)
+
+    def is_new_parameter(self, name: str) -> bool:
+        return name.startswith(DIRECT_NEW_PARAM_PREFIXES)
+
+
+IMAGE_TOKENS: dict[str, ImageTokens] = {"projected": ProjectedTokens(), "direct": DirectTokens()}
+
+
+# ---------------------------------------------------------------- the model
+
+class XVLMModel(RetrievalModel):
+    """X-VLM's architecture: image encoder -> image tokens (see ImageTokens), text encoder, fusion
+    layers whose cross-attention reads the image tokens, ITC projections and an ITM head."""
+
+    def __init__(self, cfg: ModelConfig, image_encoder: nn.Module, text_encoder: BertModel):
+        super().__init__()
+        self.cfg = cfg
+        tcfg = text_encoder.config
+        hidden = tcfg.hidden_size
+        if cfg.text_layers is None:
+            if cfg.fusion_layers > tcfg.num_hidden_layers:
+                raise TpasError(f"fusion_layers={cfg.fusion_layers} but the text model has only "
+                                f"{tcfg.num_hidden_layers} layers to initialise them from.")
+            source_layers = list(text_encoder.encoder.layer[-cfg.fusion_layers:])
+        else:
+            # X-VLM's split of one BERT: the first text_layers layers encode the caption, the
+            # following fusion_layers layers become the fusion layers (with cross-attention)
+            if cfg.text_layers + cfg.fusion_layers > tcfg.num_hidden_layers:
+                raise TpasError(f"text_layers={cfg.text_layers} + fusion_layers={cfg.fusion_layers} but the text "
+                                f"model has only {tcfg.num_hidden_layers} layers.")
+            layers = list(text_encoder.encoder.layer)
+            source_layers = layers[cfg.text_layers:cfg.text_layers + cfg.fusion_layers]
+            text_encoder.encoder.layer = nn.ModuleList(layers[:cfg.text_layers])
+            tcfg.num_hidden_layers = cfg.text_layers
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+
+        self.image_adapter = IMAGE_TOKENS[cfg.image_tokens]
+        channels, grid = self._probe_image_grid(image_encoder, cfg.image_size,
+                                                channels_last=self.image_adapter.channels_last)
+        self.image_grid = grid
+        self.vision_width = self.image_adapter.build(self, channels, grid, tcfg)
+
+        encoder_width = self.vision_width if self.vision_width != hidden else None
+        self.fusion = nn.ModuleList(FusionLayer(tcfg, encoder_width) for _ in range(cfg.fusion_layers))
+        for fusion_layer, bert_layer in zip(self.fusion, source_layers):
+            self._init_cross_attention(fusion_layer.crossattention, tcfg.initializer_range)
+            result = fusion_layer.load_state_dict(bert_layer.state_dict(), strict=False)
+            if result.unexpected_keys or any(not k.startswith("crossattention.") for k in result.missing_keys):
+                raise TpasError(f"text model layers do not fit the fusion layer layout (unexpected "
+                                f"{result.unexpected_keys[:3]}, missing {result.missing_keys[:3]}); use a BERT-like model.")
+
+        if cfg.itc_head == "cmp":
+            # CMP's feature_mapping (BatchNorm1d, Dropout, Linear: keys .0 and .2) over the image's 3
+            # pooled token groups and the caption's CLS + 3 pooled groups (models/cmp.py)
+            self.vision_proj = _cmp_feature_mapping(CMP_POOLED_PARTS * self.vision_width, cfg.embed_dim, cfg.itc_dropout)
+            self.text_proj = _cmp_feature_mapping((CMP_POOLED_PARTS + 1) * hidden, cfg.embed_dim, cfg.itc_dropout)
+            self.token_pool = nn.AdaptiveAvgPool1d(CMP_POOLED_PARTS)
+        else:
+            self.vision_proj = nn.Linear(self.vision_width, cfg.embed_dim)
+            self.text_proj = nn.Linear(hidden, cfg.embed_dim)
+        if cfg.itm_head == "mlp":  # X-VLM's build_mlp: keys itm_head.0 / .1 / .3
+            self.itm_head = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.LayerNorm(2 * hidden), nn.GELU(),
+                                          nn.Linear(2 * hidden, 2))
+        else:
+            self.itm_head = nn.Linear(hidden, 2)
+        self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
+
+    @staticmethod
+    def _probe_image_grid(image_encoder: nn.Module, image_size: tuple[int, int],
+                          channels_last: bool = False) -> tuple[int, tuple[int, int]]:
+        """Channels and (h, w) of the final feature map, from one dummy forward (any timm backbone);
+        channels_last: the backbone gives [B, h, w, C] (a Swin) rather than [B, C, h, w]."""
+        was_training = image_encoder.training
+        image_encoder.eval()  # must not touch BatchNorm statistics
+        with torch.no_grad():
+            fmap = image_encoder.forward_features(torch.zeros(1, 3, *image_size))
+        image_encoder.train(was_training)
+        if channels_last:
+            return fmap.shape[3], (fmap.shape[1], fmap.shape[2])
+        return fmap.shape[1], (fmap.shape[2], fmap.shape[3])
+
+    @staticmethod
+    def _init_cross_attention(module: nn.Module, std: float) -> None:
+        """BERT's initialisation for the new cross-attention (as X-VLM does)."""
+        for sub in module.modules():
+            if isinstance(sub, nn.Linear):
+                nn.init.normal_(sub.weight, std=std)
+                nn.init.zeros_(sub.bias)
+
+    # ---- encoders
+
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B, 3, H, W] -> (image_embeds [B, 1+h*w, vision_width], unit-norm image_feat [B, E])."""
+        fmap = self.image_encoder.forward_features(images)
+        grid = tuple(fmap.shape[1:3]) if self.image_adapter.channels_last else tuple(fmap.shape[2:])
+        if grid != self.image_grid:
+            raise ValueError(f"images of size {tuple(images.shape[2:])} give a {grid} feature map; "
+                             f"this model was built for {self.cfg.image_size} ({self.image_grid}).")
+        embeds = self.image_adapter.tokens(self, fmap)
+        return embeds, self._image_feat(embeds)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (text_embeds [B, L, D] = last hidden states, unit-norm text_feat [B, E])."""
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.cfg.itc_head == "cmp":  # CLS + the pooled positions after it, padding included (as CMP)
+            pooled = self.token_pool(hidden[:, 1:].transpose(1, 2)).transpose(1, 2).flatten(1)
+            return hidden, F.normalize(self.text_proj(torch.cat([hidden[:, 0], pooled], dim=1)), dim=-1)
+        return hidden, F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+
+    def _image_feat(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Unit ITC feature of image tokens [B, 1+N, D]: the CLS projected, or CMP's pooled patch groups."""
+        if self.cfg.itc_head == "cmp":
+            return F.normalize(self.vision_proj(self.token_pool(embeds[:, 1:].transpose(1, 2)).transpose(1, 2).flatten(1)),
+                               dim=-1)
+        return F.normalize(self.vision_proj(embeds[:, 0]), dim=-1)
+
+    def fuse(self, text_embeds: torch.Tensor, text_mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Row-aligned (text, image) pairs -> fused CLS [B, D]."""
+        mask = text_mask.bool()[:, None, None, :]
+        x = text_embeds
+        for layer in self.fusion:
+            x = layer(x, mask, image_embeds)
+        return x[:, 0]
+
+    def itm_logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        fuse = self.fuse
+        if self.grad_checkpointing and self.training:
+            return self.itm_head(torch.utils.checkpoint.checkpoint(fuse, text_embeds, text_mask, image_embeds,
+                                                                   use_reentrant=False))
+        return self.itm_head(fuse(text_embeds, text_mask, image_embeds))
+
+    def is_new_parameter(self, name: str) -> bool:
+        return self.image_adapter.is_new_parameter(name)
+
+    def itm_scorer(self, image_embeds: torch.Tensor) -> Any | None:
+        """tpas.models.fast_itm's exact scorer, when this model's fusion layers are the stock ones."""
+        from tpas.models import fast_itm  # it builds on this module
+
+        return fast_itm.FastItmScorer(self, image_embeds) if fast_itm.supports(self) else None
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in the backward pass (text encoder, CNN / Swin stages, fusion layers)."""
+        self.grad_checkpointing = enable
+        if enable:
+            self.text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.text_encoder.activation_checkpointing_disable()
+        if hasattr(self.image_encoder, "set_grad_checkpointing"):
+            self.image_encoder.set_grad_checkpointing(enable)
+
+
+CMP_POOLED_PARTS = 3  # CMP's nn.AdaptiveAvgPool1d(3) over the tokens after CLS
+
+
+def _cmp_feature_mapping(width: int, embed_dim: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.BatchNorm1d(width), nn.Dropout(dropout), nn.Linear(width, embed_dim))
+
+
+def build_tokenizer(cfg: ModelConfig) -> Any:
+    """The tokenizer of cfg.text_model (or the packaged MiniLM's, also for a random text_config)."""
+    return AutoTokenizer.from_pretrained(str(text_model_dir(cfg)))
+
+
+@register_family("xvlm", build_tokenizer=build_tokenizer)
+def build_model(cfg: ModelConfig) -> XVLMModel:
+    """An XVLMModel with the backbones cfg asks for (pretrained from packages or random)."""
+    if cfg.text_config is not None:
+        vocab = BertConfig(**cfg.text_config).vocab_size
+        tokenizer_vocab = len(build_tokenizer(cfg))
+        if vocab < tokenizer_vocab:
+            raise TpasError(f"text_config vocab_size {vocab} is smaller than the tokenizer's {tokenizer_vocab}.")
+    adapter = IMAGE_TOKENS[cfg.image_tokens]
+    return XVLMModel(cfg, build_image_encoder(cfg, **adapter.backbone_kwargs(cfg)), build_text_encoder(cfg))

@@ -1,0 +1,452 @@
+"""Fine-tuning: ITC + ITM on a seeded subset of the training pairs, with exact resume.
+
+A run directory `runs/<name>/` holds:
+- config.json: the resolved TrainConfig and ModelConfig (rebuilds the model);
+- subset.json: the image_ids of the training subset and of the validation part;
+- model.safetensors: the latest weights (what infer.py loads);
+- checkpoint/: model.safetensors + train_state.pt (optimizer, schedule, RNG, position), swapped in
+  as a whole so an interrupted save never leaves a mixed checkpoint;
+- history.json: per-epoch loss and validation R@1/5/10, mAP, mINP (ITC ranking).
+
+The same loop runs on a CPU or a GPU (`--device`, `--precision`) and on several GPUs with
+`torchrun --nproc_per_node N train.py ...` (DDP): each of the N processes takes its own
+`--batch-size` pairs of every global batch (a disjoint slice of the same seeded permutation), the
+ITC/ITM negatives are gathered over all N (tpas.model), gradients are averaged, so one optimizer
+step sees batch_size x N x grad_accum pairs. Only rank 0 writes files, validates and prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from tpas import distributed
+from tpas import models as model_lib
+from tpas.cli import given_fields
+from tpas.data import (
+    check_images,
+    ensure_data,
+    load_rgb,
+    load_train_annotations,
+    resolve_image,
+    split_train_val,
+    stable_seed,
+)
+from tpas.errors import TpasError
+from tpas.io import read_json, write_json
+from tpas.metrics import format_metrics, matrix_metrics
+from tpas.models.run import load_weights, save_weights
+from tpas.models.text import TextPipeline
+from tpas.runtime import Runtime, resolve_runtime
+from tpas.train.checkpoint import (
+    _describe_report,
+    _load_train_state,
+    _set_rng_state,
+    find_checkpoint,
+    load_init,
+    save_checkpoint,
+)
+from tpas.train.config import (
+    LOCATION_FIELDS,
+    RUNTIME_FIELDS,
+    SCHEDULE_FIELDS,
+    TrainConfig,
+    model_config_for,
+)
+from tpas.train.data import (
+    PairDataset,
+    ResizedImages,
+    ResumableSampler,
+    auto_workers,
+    build_image_cache,
+    leading_resize,
+    make_collate,
+    make_loader,
+)
+
+
+def batch_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The model's keyword arguments from a collated batch, on `device`."""
+    keys = ("images", "input_ids", "attention_mask", "hard_images", "hard_input_ids", "hard_attention_mask")
+    return {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
+
+
+def training_step(net: torch.nn.Module, micro_batches: list[dict], optimizer: torch.optim.Optimizer,
+                  scaler: torch.amp.GradScaler, runtime: Runtime, timings: dict[str, float] | None = None) -> dict[str, float]:
+    """One optimizer step over `micro_batches` (gradient accumulation when more than one).
+
+    `net` is the model or its DDP / compiled wrapper. Returns the losses averaged over the
+    micro-batches and the processes. `timings`, when given, gets the seconds spent in forward,
+    backward and optimizer added to it (with CUDA synchronised at each boundary).
+    """
+    def lap(name: str, since: float) -> float:
+        if timings is None:
+            return since
+        runtime.synchronize()
+        now = time.perf_counter()
+        timings[name] = timings.get(name, 0.0) + now - since
+        return now
+
+    clock = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    count, no_sync = len(micro_batches), getattr(net, "no_sync", None)
+    parts = []
+    for i, batch in enumerate(micro_batches):
+        # DDP all-reduces the gradients once, in the last micro-batch's backward
+        sync = no_sync() if no_sync is not None and i < count - 1 else contextlib.nullcontext()
+        with sync:
+            with runtime.autocast():
+                out = net(**batch_inputs(batch, runtime.device))
+            clock = lap("forward", clock)
+            scaler.scale(out["loss"] / count if count > 1 else out["loss"]).backward()
+            clock = lap("backward", clock)
+        parts.append(torch.stack([out["loss"], out["loss_itc"], out["loss_itm"]]).detach().float())
+    scaler.step(optimizer)
+    scaler.update()
+    lap("optimizer", clock)
+    losses = torch.stack(parts).mean(0) if count > 1 else parts[0]
+    if runtime.world_size > 1:  # each rank's loss covers its own rows: the mean is the global batch's
+        dist.all_reduce(losses)
+        losses = losses / runtime.world_size
+    loss, itc, itm = losses.tolist()
+    return {"loss": loss, "loss_itc": itc, "loss_itm": itm}
+
+
+@torch.inference_mode()
+def validate(model: model_lib.RetrievalModel, frame: pd.DataFrame, data_root: Path, transform: Any, text: TextPipeline,
+             batch_size: int = 64, runtime: Runtime | None = None) -> dict[str, float]:
+    """ITC text→image retrieval over the held-out pairs (gallery = their distinct images)."""
+    runtime = runtime or Runtime()
+    model.eval()
+    images = list(dict.fromkeys(frame["image"]))
+    column = {image: i for i, image in enumerate(images)}
+    image_feats, text_feats = [], []
+    with runtime.autocast():
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([transform(load_rgb(resolve_image(data_root, p))) for p in images[start:start + batch_size]])
+            image_feats.append(model.encode_image(batch.to(runtime.device))[1].float())
+        captions = frame["caption"].tolist()
+        for start in range(0, len(captions), batch_size):
+            tokens = text(captions[start:start + batch_size])
+            text_feats.append(model.encode_text(tokens["input_ids"].to(runtime.device),
+                                                tokens["attention_mask"].to(runtime.device))[1].float())
+    scores = (torch.cat(text_feats) @ torch.cat(image_feats).T).cpu().numpy()
+    model.train()
+    return matrix_metrics(scores, [column[p] for p in frame["image"]])
+
+
+def _prepare_data(cfg: TrainConfig, run_dir: Path, resumed: dict | None) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    frame, problems = load_train_annotations(cfg.data_root, cfg.on_bad_sample)
+    if resumed is not None:  # the exact pairs of the original run, whatever the data dir holds now
+        by_id = frame.set_index("image_id", drop=False)
+        missing = [i for i in resumed["train"] + resumed["val"] if i not in by_id.index]
+        if missing:
+            raise TpasError(f"{run_dir / 'subset.json'}: {len(missing)} saved image_ids (e.g. {missing[0]}) are not in "
+                            f"{cfg.data_root}; resume with the data the run started with.")
+        return by_id.loc[resumed["train"]].reset_index(drop=True), by_id.loc[resumed["val"]].reset_index(drop=True), len(problems)
+    train, val = split_train_val(frame, cfg.subset or None, cfg.val_size, cfg.seed)
+    columns = ("image", "hard_i") if cfg.pab_hard_negatives else ("image",)
+
+    def usable(part: pd.DataFrame) -> pd.DataFrame:
+        """`part` less the rows whose images do not decode (or stop, with --on-bad-sample fail)."""
+        bad = check_images(part, cfg.data_root, columns, progress=cfg.progress)
+        if bad and cfg.on_bad_sample == "fail":
+            raise TpasError(bad[0].sentence() + "; fix it or pass --on-bad-sample skip.")
+        if not bad:
+            return part
+        problems.extend(bad)
+        bad_rows = {(Path(p.file).name, p.line) for p in bad}
+        keep = [(f, line) not in bad_rows for f, line in zip(part["file"], part["line"])]
+        return part[keep].reset_index(drop=True)
+
+    train, val = usable(train), usable(val)
+    return train, val, len(problems)
+
+
+def _readable_captions(part: pd.DataFrame, text: TextPipeline, cfg: TrainConfig) -> tuple[pd.DataFrame, int]:
+    """`part` less the captions the model's text pipeline cleans to nothing (X-VLM's pre_caption
+    leaves nothing of "..."), or a TpasError naming the first one with --on-bad-sample fail."""
+    keep = []
+    for caption in part["caption"]:
+        try:
+            text.clean(caption)
+            keep.append(True)
+        except ValueError:
+            keep.append(False)
+    bad = [i for i, ok in enumerate(keep) if not ok]
+    if bad and cfg.on_bad_sample == "fail":
+        row = part.iloc[bad[0]]
+        where = f"{row['file']} line {row['line']}" if "file" in part and "line" in part else f"pair {row['image_id']}"
+        text.check([row["caption"]], [where], str(cfg.data_root))
+    return part[keep].reset_index(drop=True), len(bad)
+
+
+def _resolved_config(cfg: TrainConfig, run_dir: Path, given: set[str]) -> tuple[TrainConfig, list[str]]:
+    """The saved config of the run being resumed, with this command's runtime settings and the
+    flags it was given (see the *_FIELDS above), and the notes to print. A TpasError when a given
+    flag would change what the run is."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = {k: v for k, v in read_json(run_dir / "config.json")["train"].items() if k in known}
+    for key in ("data_root", "runs_dir", "init"):
+        if saved.get(key):
+            saved[key] = Path(saved[key])
+    merged = TrainConfig(**saved)
+    notes, refused = [], []
+    for name in sorted(known):
+        mine, theirs = getattr(cfg, name), getattr(merged, name)
+        if name in RUNTIME_FIELDS:
+            setattr(merged, name, mine)
+        elif name not in given or mine == theirs:
+            continue
+        elif name == "init":
+            notes.append(f"--init {mine} is ignored: the run resumes from its own checkpoint")
+        elif name in LOCATION_FIELDS:
+            notes.append(f"--{name.replace('_', '-')} {mine} (the run was started with {theirs})")
+            setattr(merged, name, mine)
+        elif name in SCHEDULE_FIELDS:
+            notes.append(f"--{name} {mine} given: the run was started with {theirs}, and its learning-rate schedule now "
+                         f"decays over the new length, so it will not match a run started with --{name} {mine}")
+            setattr(merged, name, mine)
+            if name == "epochs" and "steps" not in given:
+                merged.steps = None  # --epochs replaces a saved step budget
+        else:
+            refused.append(f"--{name.replace('_', '-')} {mine} (saved: {theirs})")
+    if refused:
+        raise TpasError(f"{run_dir}: --resume continues the run as it was started, but {', '.join(refused)} would change "
+                        f"it; drop {'that flag' if len(refused) == 1 else 'those flags'}, or start a new run with --name.")
+    merged.__post_init__()
+    return merged, notes
+
+
+def _clear_run(run_dir: Path) -> None:
+    """Empty a run dir that never reached a checkpoint, but for its config.json (rewritten later:
+    a kill before that must still leave a run that --resume can start again)."""
+    for path in run_dir.iterdir():
+        if path.name == "config.json":
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Fine-tune and return a summary; everything is written under runs/<name>/ (by rank 0)."""
+    started_group = distributed.init_from_env("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                                              else "cpu")
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    created = not run_dir.exists()
+    try:
+        return _train(cfg)
+    except TpasError:
+        # a new run refused before its first checkpoint (bad data, a bad flag) leaves nothing behind,
+        # so the corrected command simply runs
+        if created and run_dir.is_dir() and find_checkpoint(run_dir) is None and distributed.rank_and_world()[0] == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        if started_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig) -> dict:
+    given = given_fields(cfg)
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    started_before = (run_dir / "config.json").is_file()
+    checkpoint = find_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume and not started_before:
+        raise TpasError(f"{run_dir}: no run to resume here; drop --resume to start a new run.")
+    if not cfg.resume and started_before:
+        raise TpasError(f"{run_dir}: a run with this name exists; pass --resume to continue it (a run that stopped "
+                        f"before its first checkpoint starts again) or --name for a new one.")
+    notes: list[str] = []
+    saved_model = None
+    if cfg.resume:
+        cfg, notes = _resolved_config(cfg, run_dir, given)
+        # the model (and its text pipeline) is what the run was built with, whatever the preset says today
+        saved_model = model_lib.ModelConfig.from_dict(read_json(run_dir / "config.json")["model"])
+    resumed_subset = read_json(run_dir / "subset.json") if checkpoint is not None else None
+    runtime = resolve_runtime(cfg.device, cfg.precision)
+    say = print if runtime.is_main else (lambda *args, **kwargs: None)
+    for note in notes:
+        say(f"note: {note}")
+    if cfg.resume and checkpoint is None:
+        say(f"{run_dir}: stopped before its first checkpoint; starting it again from step 0 with its saved settings")
+        if runtime.is_main:
+            _clear_run(run_dir)
+    runtime.barrier()  # every rank has seen the run dir as it was before rank 0 writes into it
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    started = time.time()
+    if runtime.is_main and checkpoint is None:
+        # first of all: a run killed at any point after this can be started again by --resume
+        write_json(run_dir / "config.json", {"train": cfg, "model": dataclasses.asdict(saved_model or model_config_for(cfg))})
+    if runtime.is_main:
+        ensure_data(cfg.data_root, cfg.seed)
+        train_frame, val_frame, skipped = _prepare_data(cfg, run_dir, resumed_subset)
+        if checkpoint is None:
+            write_json(run_dir / "subset.json", {"seed": cfg.seed, "train": train_frame["image_id"].tolist(),
+                                                 "val": val_frame["image_id"].tolist()})
+    runtime.barrier()
+    if not runtime.is_main:  # the pairs rank 0 chose (and checked)
+        train_frame, val_frame, skipped = _prepare_data(cfg, run_dir, read_json(run_dir / "subset.json"))
+    per_step = cfg.batch_size * runtime.world_size * cfg.grad_accum
+    model_cfg = saved_model or model_config_for(cfg)
+    text = model_lib.build_text_pipeline(model_cfg)
+    train_frame, bad_train = _readable_captions(train_frame, text, cfg)
+    val_frame, bad_val = _readable_captions(val_frame, text, cfg)
+    skipped += bad_train + bad_val
+    if cfg.steps:  # a step budget: enough epochs to hold it, the last one cut short
+        budget_epoch = ResumableSampler(len(train_frame), cfg.seed, cfg.batch_size, runtime.rank, runtime.world_size,
+                                           cfg.grad_accum).batches_per_epoch() // cfg.grad_accum
+        cfg = dataclasses.replace(cfg, epochs=math.ceil(cfg.steps / max(1, budget_epoch)))
+    if len(train_frame) < per_step:
+        raise TpasError(f"{cfg.data_root}: only {len(train_frame)} usable training pairs, fewer than one optimizer step takes "
+                        f"(--batch-size {cfg.batch_size} x {runtime.world_size} processes x --grad-accum {cfg.grad_accum}).")
+    if skipped:
+        say(f"skipped {skipped} bad sample(s) (--on-bad-sample skip)")
+
+    torch.manual_seed(cfg.seed)
+    model = model_lib.build_model(model_cfg)
+    if cfg.init is not None and checkpoint is None:
+        # every rank loads (DDP would broadcast rank 0's anyway); only rank 0 reports
+        with contextlib.nullcontext() if runtime.is_main else contextlib.redirect_stdout(io.StringIO()):
+            report = load_init(model, cfg.init)
+        say(f"init from {cfg.init}: {_describe_report(report)}")
+    if runtime.is_main:  # on a resume too: a longer --epochs must survive the next resume
+        write_json(run_dir / "config.json", {"train": cfg, "model": dataclasses.asdict(model_cfg)})
+    if cfg.grad_checkpointing:
+        try:
+            model.set_grad_checkpointing(True)
+        except NotImplementedError as exc:
+            raise TpasError(f"--grad-checkpointing: {exc}; train without it.") from None
+
+    transform = model_lib.image_transform(model_cfg, train=True)
+    dataset = PairDataset(train_frame, cfg.data_root, transform, cfg.seed, cfg.pab_hard_negatives)
+    if cfg.image_cache != "none":
+        dataset.cache = _image_cache(cfg, dataset, transform, run_dir, runtime)
+    sampler = ResumableSampler(len(dataset), cfg.seed, cfg.batch_size, runtime.rank, runtime.world_size, cfg.grad_accum)
+    steps_per_epoch = sampler.batches_per_epoch() // cfg.grad_accum
+    total_steps = cfg.steps or steps_per_epoch * cfg.epochs
+    model.to(runtime.device)
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay, cfg.lr, cfg.new_lr_mult), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / max(1, total_steps)))
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
+    history: list[dict] = []
+    position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "world_size": runtime.world_size}
+    if checkpoint is not None:
+        load_weights(model, checkpoint / "model.safetensors")
+        state = _load_train_state(checkpoint / "train_state.pt")
+        saved_world = state["position"].get("world_size", 1)
+        if saved_world != runtime.world_size:
+            raise TpasError(f"{checkpoint}: the run was trained by {saved_world} process(es); resume it with "
+                            f"torchrun --nproc_per_node {saved_world} (now {runtime.world_size}).")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng_ranks"][runtime.rank] if "rng_ranks" in state else state["rng"], runtime)
+        position = state["position"]
+        if (run_dir / "history.json").is_file():
+            history = read_json(run_dir / "history.json")
+        say(f"resuming {run_dir} at epoch {position['epoch'] + 1}, step {position['global_step']}")
+    elif runtime.world_size > 1:  # DDP syncs the weights; dropout masks should differ between ranks
+        torch.manual_seed(stable_seed(cfg.seed, runtime.rank, 17))
+    say(f"training on {runtime.device} ({runtime.precision}), {runtime.world_size} process(es) x {cfg.batch_size} pairs"
+        f" x {cfg.grad_accum} micro-batch(es) = {per_step} pairs per optimizer step, {steps_per_epoch} steps per epoch")
+
+    net: torch.nn.Module = model
+    if runtime.world_size > 1:
+        net = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    eval_transform = model_lib.image_transform(model_cfg, train=False)
+    workers = auto_workers(cfg.workers, runtime.device)
+    loader = make_loader(dataset, sampler, make_collate(text), workers, runtime, cfg.seed)
+    model.train()
+    stop = False
+    for epoch in range(position["epoch"], cfg.epochs):
+        dataset.epoch = sampler.epoch = epoch
+        start = position["step_in_epoch"] if epoch == position["epoch"] else 0
+        sampler.skip_batches = start * cfg.grad_accum
+        # Losses of steps before a mid-epoch resume come back from the checkpoint.
+        losses = list(position.get("epoch_losses", [])) if epoch == position["epoch"] else []
+        batches = iter(loader)
+        bar = tqdm(range(start, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and runtime.is_main), dynamic_ncols=True)
+        step_in_epoch = start
+        for _ in bar:
+            micro_batches = [next(batches) for _micro in range(cfg.grad_accum)]
+            out = training_step(net, micro_batches, optimizer, scaler, runtime)
+            scheduler.step()
+            step_in_epoch += 1
+            losses.append(out["loss"])
+            position = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": position["global_step"] + 1,
+                        "world_size": runtime.world_size, "epoch_losses": losses}
+            bar.set_postfix(itc=f"{out['loss_itc']:.3f}", itm=f"{out['loss_itm']:.3f}")
+            if not math.isfinite(losses[-1]):
+                raise TpasError(f"loss became {losses[-1]} at step {position['global_step']}; lower --lr.")
+            if cfg.steps and position["global_step"] >= cfg.steps:
+                break  # the budget is spent: validate and save as at an epoch end
+            if cfg.max_steps is not None and position["global_step"] >= cfg.max_steps:
+                stop = True
+                break
+            if cfg.save_every and position["global_step"] % cfg.save_every == 0 and step_in_epoch < steps_per_epoch:
+                save_checkpoint(run_dir, model, optimizer, scheduler, position, scaler, runtime)
+        del batches
+        if stop and step_in_epoch < steps_per_epoch:
+            save_checkpoint(run_dir, model, optimizer, scheduler, position, scaler, runtime)
+            break
+        position = {"epoch": epoch + 1, "step_in_epoch": 0, "global_step": position["global_step"],
+                    "world_size": runtime.world_size}
+        if runtime.is_main:
+            metrics = validate(model, val_frame, cfg.data_root, eval_transform, text,
+                               runtime=runtime) if len(val_frame) else {}
+            history.append({"epoch": epoch + 1, "step": position["global_step"],
+                            "loss": float(np.mean(losses)) if losses else None, "val_itc": metrics})
+            write_json(run_dir / "history.json", history)
+        runtime.barrier()  # the other ranks wait for rank 0's validation
+        save_checkpoint(run_dir, model, optimizer, scheduler, position, scaler, runtime)
+        if runtime.is_main:
+            say(f"epoch {epoch + 1}: loss {history[-1]['loss']:.4f}  "
+                f"val (ITC) {format_metrics(history[-1]['val_itc']) if history[-1]['val_itc'] else '-'}")
+        if stop:
+            break
+    del loader  # ends the persistent workers
+    summary = {"run_dir": str(run_dir), "train_pairs": len(train_frame), "val_pairs": len(val_frame),
+               "skipped": skipped, "steps": position["global_step"], "seconds": round(time.time() - started, 1),
+               "val_itc": history[-1]["val_itc"] if history else None, "device": str(runtime.device),
+               "precision": runtime.precision, "processes": runtime.world_size, "pairs_per_step": per_step}
+    if runtime.is_main:
+        save_weights(model, run_dir / "model.safetensors", {"global_step": str(position["global_step"])})
+        write_json(run_dir / "train_summary.json", summary)
+    runtime.barrier()
+    return summary
+
+
+def _image_cache(cfg: TrainConfig, dataset: PairDataset, transform: Any, run_dir: Path, runtime: Runtime) -> ResizedImages | None:
+    resize = leading_resize(transform)
+    if resize is None:
+        if runtime.is_main:
+            print(f"--image-cache {cfg.image_cache}: this model's transform does not start with a fixed-size Resize; not caching.")
+        return None
+    paths = dataset.image_paths()
+    if cfg.image_cache == "memory":
+        return build_image_cache(paths, cfg.data_root, resize, "memory", progress=cfg.progress and runtime.is_main)
+    if runtime.is_main:  # disk: rank 0 writes it, the others map it
+        build_image_cache(paths, cfg.data_root, resize, "disk", run_dir, progress=cfg.progress)
+    runtime.barrier()
+    return build_image_cache(paths, cfg.data_root, resize, "disk", run_dir, progress=False)
