@@ -38,7 +38,7 @@ import pyarrow as pa
 from tpas.bench._common import machine_info, measure, print_table
 from tpas.cli import config_command, field
 from tpas.io import write_json
-from tpas.postprocess import (
+from tpas.post.methods import (
     METHODS,
     Context,
     PostprocessConfig,
@@ -48,7 +48,7 @@ from tpas.postprocess import (
     parse_methods,
     to_lists,
 )
-from tpas.sca import (
+from tpas.post.sca import (
     EXACT_KNN_LIMIT,
     SCAConfig,
     cached_embeddings,

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from tpas.ensemble import EnsembleConfig, main, normalise, run_ensemble
 from tpas.errors import TpasError
 from tpas.io import write_parquet
+from tpas.post.ensemble import EnsembleConfig, main, normalise, run_ensemble
 from tpas.schema import (
     CANDIDATE_COLUMNS,
     candidates_frame,

@@ -498,11 +498,3 @@ def change_log(log: dict[str, np.ndarray], query_order: list[str] | np.ndarray, 
         "group": np.asarray(log["group"]).astype(np.int64),
     })
 
-
-def __getattr__(name: str) -> Any:
-    # The stage moved to tpas.postprocess (it runs every method); kept importable from here.
-    if name in ("SCAStageConfig", "run_sca_stage"):
-        from tpas import postprocess
-
-        return getattr(postprocess, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,7 +8,7 @@ from scipy.special import log_softmax
 
 from tpas.errors import TpasError
 from tpas.metrics import ranking_metrics
-from tpas.postprocess import (
+from tpas.post.methods import (
     LOG_COLUMNS,
     PostprocessConfig,
     SCAStageConfig,
@@ -21,7 +21,7 @@ from tpas.postprocess import (
     to_lists,
     tune,
 )
-from tpas.sca import SCAConfig, cached_embeddings, query_groups
+from tpas.post.sca import SCAConfig, cached_embeddings, query_groups
 from tpas.schema import CANDIDATE_COLUMNS, candidates_frame, queries_frame
 
 

@@ -79,7 +79,7 @@ from tpas.io import (
     write_text,
 )
 from tpas.metrics import ranking_metrics
-from tpas.sca import (
+from tpas.post.sca import (
     CHANGE_COLUMNS,
     COMBINE_CHOICES,
     GROUPING_CHOICES,
