@@ -11,7 +11,7 @@ import pytest
 from tpas.errors import TpasError
 from tpas.io import write_parquet
 from tpas.post.ensemble import EnsembleConfig, run_ensemble
-from tpas.post.methods import SCAStageConfig, run_sca_stage
+from tpas.post.stage import SCAStageConfig, run_sca_stage
 from tpas.schema import (
     CANDIDATE_COLUMNS,
     QUERY_COLUMNS,

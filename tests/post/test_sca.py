@@ -6,7 +6,7 @@ import pytest
 
 from tpas.errors import TpasError
 from tpas.metrics import ranking_metrics
-from tpas.post.methods import to_lists
+from tpas.post.lists import to_lists
 from tpas.post.sca import (
     SCAConfig,
     apply_sca,
