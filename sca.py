@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Post-processing of a stage's candidates: SCA and the other methods of tpas.postprocess, or --tune them."""
+"""Post-processing of a stage's candidates: SCA and the other methods of tpas.post, or --tune them."""
 
 from tpas.cli import config_command
-from tpas.postprocess import SCAStageConfig, run_sca_stage
+from tpas.post.stage import SCAStageConfig, run_sca_stage
 
 
 @config_command(SCAStageConfig, help="Post-process ranked candidates with --method (comma list, applied in order; "

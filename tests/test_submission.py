@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tpas.ensemble import EnsembleConfig, run_ensemble
 from tpas.errors import TpasError
 from tpas.io import write_parquet
-from tpas.sca import SCAStageConfig, run_sca_stage
+from tpas.post.ensemble import EnsembleConfig, run_ensemble
+from tpas.post.stage import SCAStageConfig, run_sca_stage
 from tpas.schema import (
     CANDIDATE_COLUMNS,
     QUERY_COLUMNS,

@@ -4,10 +4,13 @@ For each query the gallery is ranked; the CMC curve gives R@k (percentage of que
 true image within the top k), AP is the mean precision at the rank of each true image, and
 INP = #true images / rank of the last (hardest) true image. All values are percentages 0-100.
 
-Two entry points:
+Entry points, all summarised by one function (`_summarise_matrix`), so they agree exactly:
 - `ranking_metrics` scores a candidates table (top-k lists). A true image that is not in a
   query's list counts as not retrieved, so R@k is exact for k up to the list length while mAP
   and mINP are lower bounds (a true image just below the cut-off would add a little).
+- `rank_metrics` / `array_metrics`: the same for one true image per query, from its rank
+  (`rank_metrics`) or from [Q, K] image-code lists (`array_metrics`, tpas.post's arrays): no
+  string table, for a tune's hundreds of evaluations and an ensemble's millions of rows.
 - `matrix_metrics` scores a full [Q, G] score matrix and is exact.
 """
 
@@ -73,6 +76,32 @@ def ranking_metrics(candidates: pd.DataFrame, gt: Mapping[str, str | Collection[
     ranks = np.full((len(queries), int(slot.max()) + 1), np.inf)
     ranks[hits["q"].to_numpy(), slot] = hits["rank"].to_numpy()
     return _summarise_matrix(ranks, np.bincount(hits["q"].to_numpy(), minlength=len(queries)), ks)
+
+
+def rank_metrics(true_rank: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> Metrics:
+    """`ranking_metrics` with one true image per query, from its 1-based rank (inf: not in the list).
+
+    One entry per query with ground truth, in the order `ranking_metrics` would take them (the
+    ground truth's); with one true image, mINP equals mAP.
+    """
+    ranks = np.asarray(true_rank, dtype=float)[:, None]
+    return _summarise_matrix(ranks, np.ones(len(ranks), dtype=np.int64), ks)
+
+
+def array_metrics(img: np.ndarray, gt_codes: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> Metrics:
+    """R@k and mAP (%) of [Q, K] image-code lists (-1: padding), over the queries with ground truth.
+
+    `gt_codes[q]`: the code of q's true image, -1 when it is in no list, -2 when q has no ground
+    truth (`tpas.post.lists.gt_codes_for`). Equals `ranking_metrics` for one true image per
+    query; mINP (equal to mAP then) is left out.
+    """
+    known = gt_codes != -2
+    hits = (img[known] == gt_codes[known, None]) & (gt_codes[known, None] >= 0)
+    found = hits.any(axis=1)
+    rank = np.where(found, hits.argmax(axis=1) + 1, np.inf)
+    out = rank_metrics(rank, ks)
+    del out["mINP"]
+    return out
 
 
 def matrix_metrics(scores: np.ndarray, gt_index: Sequence[int | Sequence[int]],

@@ -296,7 +296,7 @@ def _stage_infer(cfg: ResultsConfig, stages: Stages, name: str, what: str, **kwa
 
 def _postprocess() -> Any:
     try:
-        from tpas import postprocess
+        from tpas.post import methods as postprocess
     except ImportError as exc:
         raise TpasError(f"cannot import tpas.postprocess ({exc}); Table 4 needs it: update the package.") from None
     return postprocess
@@ -312,14 +312,14 @@ class CaptionEmbedder:
     @property
     def encoder(self) -> Any:
         if self._encoder is None:
-            from tpas.sca import load_sentence_encoder
+            from tpas.post.sca import load_sentence_encoder
             self._encoder = load_sentence_encoder()
         return self._encoder
 
     def __call__(self, stage_dir: Path, captions: list[str]) -> np.ndarray:
         key = str(stage_dir)
         if key not in self._memo:
-            from tpas.sca import embed_captions
+            from tpas.post.sca import embed_captions
             self._memo[key] = embed_captions(captions, self.encoder)
         return self._memo[key]
 

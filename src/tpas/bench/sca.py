@@ -38,17 +38,16 @@ import pyarrow as pa
 from tpas.bench._common import machine_info, measure, print_table
 from tpas.cli import config_command, field
 from tpas.io import write_json
-from tpas.postprocess import (
+from tpas.metrics import array_metrics
+from tpas.post.lists import gt_codes_for, to_lists
+from tpas.post.methods import (
     METHODS,
     Context,
     PostprocessConfig,
     apply_methods_with_info,
-    array_metrics,
-    gt_codes_for,
     parse_methods,
-    to_lists,
 )
-from tpas.sca import (
+from tpas.post.sca import (
     EXACT_KNN_LIMIT,
     SCAConfig,
     cached_embeddings,

@@ -6,8 +6,8 @@ import pytest
 
 from tpas.errors import TpasError
 from tpas.metrics import ranking_metrics
-from tpas.postprocess import to_lists
-from tpas.sca import (
+from tpas.post.lists import to_lists
+from tpas.post.sca import (
     SCAConfig,
     apply_sca,
     load_sentence_encoder,
@@ -253,7 +253,7 @@ def refuse(*args, **kwargs):
     attempts.append(args)
     raise OSError("no network in this test")
 socket.socket.connect = socket.create_connection = socket.getaddrinfo = refuse
-from tpas.sca import embed_captions, load_sentence_encoder
+from tpas.post.sca import embed_captions, load_sentence_encoder
 emb = embed_captions(["a man lying on the ground", "a man is lying on the ground"], load_sentence_encoder())
 assert float(emb[0] @ emb[1]) > 0.9
 print(attempts, os.environ.get("HF_HUB_OFFLINE"))

@@ -6,7 +6,7 @@ normalised (z-score, min-max, reciprocal rank or none); the candidates of a quer
 over models, and a pair's fused score is the weighted sum of its normalised scores. The output
 has the same schema as its inputs, so sca.py and submit.py run on it unchanged:
 
-    python -m tpas.ensemble --input-dir outputs/a --input-dir outputs/b --weight 0.6 --weight 0.4
+    python -m tpas.post.ensemble --input-dir outputs/a --input-dir outputs/b --weight 0.6 --weight 0.4
 
 Rules, all vectorised over (model, query, candidate) rows (no per-query Python loop):
 - A (query, image) pair missing from a model's top-k gets that model's minimum normalised score
@@ -36,19 +36,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from tpas.cli import config_command, field
 from tpas.errors import TpasError
-from tpas.io import check_manifest, staged_dir, write_bytes, write_json, write_parquet
-from tpas.metrics import ranking_metrics
+from tpas.io import staged_dir, write_bytes, write_json, write_parquet
+from tpas.metrics import rank_metrics
 from tpas.schema import (
-    CANDIDATE_COLUMNS,
     CANDIDATES_FILE,
     QUERIES_FILE,
     candidates_frame,
-    check_candidates,
     ground_truth,
+    read_candidates,
     read_queries,
 )
 
@@ -91,30 +89,6 @@ class RepeatedPairError(TpasError):
     def __init__(self, model: int, query: int, image: int) -> None:
         super().__init__(f"input {model}: query position {query} lists image code {image} more than once")
         self.model, self.query, self.image = model, query, image
-
-
-def _read_candidates(stage_dir: Path) -> pd.DataFrame:
-    """candidates.parquet with query_index/image as categoricals: fast and small for millions of rows."""
-    path = stage_dir / CANDIDATES_FILE
-    check_manifest(stage_dir)  # a stage's files must be the ones it wrote together
-    if not path.is_file():
-        raise TpasError(f"{path}: file not found; run `python infer.py --output-dir {stage_dir}` first "
-                        "or fix the --input-dir.")
-    try:
-        names = pq.read_schema(path).names
-        missing = [c for c in CANDIDATE_COLUMNS if c not in names]
-        if missing:
-            raise TpasError(f"{path}: missing column(s) {', '.join(missing)}; regenerate it with this version of tpas.")
-        frame = pq.read_table(path, columns=CANDIDATE_COLUMNS, read_dictionary=["query_index", "image"]).to_pandas()
-    except (pa.ArrowException, OSError, ValueError) as exc:  # what pyarrow raises for a corrupt file
-        raise TpasError(f"{path}: not a readable parquet file ({exc}); regenerate it.") from None
-    if frame.empty:
-        raise TpasError(f"{path}: has no rows; re-run the stage that wrote it.")
-    check_candidates(frame, path)  # the same rules as every stage's reader (tpas.schema)
-    for col in ("query_index", "image"):
-        if not isinstance(frame[col].dtype, pd.CategoricalDtype):
-            frame[col] = pd.Categorical(frame[col].astype(str))
-    return frame
 
 
 def _codes(column: pd.Series, index: pd.Index) -> np.ndarray:
@@ -356,7 +330,9 @@ def _load_inputs(cfg: EnsembleConfig) -> tuple[pd.DataFrame, list[ModelRows], pd
             if differ:
                 raise TpasError(f"{d / QUERIES_FILE}: its query set differs from {dirs[0] / QUERIES_FILE} "
                                 f"({len(differ)} id(s) differ, e.g. {differ[0]}); run every input on the same queries.")
-        frames.append(_read_candidates(d))
+        # categoricals: fast and small for millions of rows; the checks are every stage reader's
+        frames.append(read_candidates(d, categorical=True, hint=f"run `python infer.py --output-dir {d}` first or "
+                                                                  "fix the --input-dir"))
     images = pd.Index(pd.unique(np.concatenate([f["image"].cat.categories.astype(str).to_numpy() for f in frames])))
     models = []
     for d, frame in zip(dirs, frames):
@@ -381,13 +357,13 @@ def _load_inputs(cfg: EnsembleConfig) -> tuple[pd.DataFrame, list[ModelRows], pd
     return queries, models, images
 
 
-def _metrics(q: np.ndarray, image: np.ndarray, rank: np.ndarray, gt_code: np.ndarray, order: pd.Index,
-             images: pd.Index, gt: dict[str, str]) -> dict[str, float]:
-    """ranking_metrics on only the rows that hold a query's true image: same result, no string copy of all rows."""
+def _metrics(q: np.ndarray, image: np.ndarray, rank: np.ndarray, gt_code: np.ndarray,
+             scored: np.ndarray) -> dict[str, float]:
+    """`tpas.metrics` of these rows over the `scored` query positions (ground truth order), found through codes."""
+    true_rank = np.full(len(gt_code), np.inf)
     hit = image == gt_code[q]
-    frame = pd.DataFrame({"query_index": order.to_numpy()[q[hit]], "image": images.to_numpy()[image[hit]],
-                          "rank": rank[hit]})
-    return ranking_metrics(frame, gt)
+    true_rank[q[hit]] = rank[hit]
+    return rank_metrics(true_rank[scored])
 
 
 def run_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
@@ -424,10 +400,11 @@ def run_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
         # Per query position, the code of its true image; -2 (never an image code) where unknown.
         gt_code = np.full(n_queries, -2, dtype=np.int64)
         true_image = images.get_indexer(list(gt.values()))
-        gt_code[order.get_indexer(list(gt))] = np.where(true_image >= 0, true_image, -2)
-        per_input = [{"dir": str(d), "weight": w, **_metrics(m.q, m.image, m.rank, gt_code, order, images, gt)}
+        scored = order.get_indexer(list(gt))
+        gt_code[scored] = np.where(true_image >= 0, true_image, -2)
+        per_input = [{"dir": str(d), "weight": w, **_metrics(m.q, m.image, m.rank, gt_code, scored)}
                      for d, w, m in zip(cfg.input_dir, weights, models)]
-        fused_metrics = _metrics(fused["q"], fused["image"], fused["rank"], gt_code, order, images, gt)
+        fused_metrics = _metrics(fused["q"], fused["image"], fused["rank"], gt_code, scored)
         summary["metrics"] = {"inputs": per_input, "ensemble": fused_metrics}
         for name in ("R@1", "mAP"):
             inputs = " / ".join(f"{m[name]:.2f}" for m in per_input)

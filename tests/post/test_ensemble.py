@@ -1,4 +1,4 @@
-"""tpas.ensemble: score fusion of several stage dirs into one, on small hand-made candidate tables."""
+"""tpas.post.ensemble: score fusion of several stage dirs into one, on small hand-made candidate tables."""
 
 import json
 import re
@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from tpas.ensemble import EnsembleConfig, main, normalise, run_ensemble
 from tpas.errors import TpasError
 from tpas.io import write_parquet
+from tpas.metrics import ranking_metrics
+from tpas.post.ensemble import EnsembleConfig, main, normalise, run_ensemble
 from tpas.schema import (
     CANDIDATE_COLUMNS,
     candidates_frame,
@@ -73,6 +74,26 @@ def test_fusion_fixes_what_each_model_gets_wrong(tmp_path, capsys):
     assert fused_lists(tmp_path / "lean")["q1"][0] == "a"
     assert json.loads((tmp_path / "lean" / "metrics.json").read_text())["ensemble"]["R@1"] == 50.0
     assert "R@1 50.00 / 50.00 → 50.00" in capsys.readouterr().out
+
+
+def test_metrics_json_equals_ranking_metrics_of_inputs_and_output(tmp_path):
+    # metrics.json is computed on codes (no string table); it must be ranking_metrics' result exactly.
+    rng = np.random.default_rng(5)
+    ids = [f"q{i}" for i in range(60)]
+    truth = {q: f"g{rng.integers(0, 50)}" for q in ids if rng.random() < 0.7}  # g40..g49 are in no list
+    dirs = []
+    for name in ("a", "b"):
+        lists = {q: list(zip((f"g{g}" for g in rng.choice(40, 12, replace=False)), -np.sort(-rng.normal(size=12))))
+                 for q in ids}
+        dirs.append(stage(tmp_path, name, lists))
+        queries_frame(ids, [f"caption {i}" for i in ids], [truth.get(q) for q in ids]).to_parquet(
+            dirs[-1] / "queries.parquet")
+    out = tmp_path / "fused"
+    run_ensemble(EnsembleConfig(input_dir=dirs, output_dir=out, k=15))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ensemble"] == ranking_metrics(read_candidates(out), truth)
+    assert [{k: v for k, v in m.items() if k not in ("dir", "weight")} for m in metrics["inputs"]] == [
+        ranking_metrics(read_candidates(d), truth) for d in dirs]
 
 
 def test_normalisation_matches_hand_computation():

@@ -2,7 +2,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tpas.metrics import format_metrics, matrix_metrics, ranking_metrics
+from tpas.metrics import (
+    array_metrics,
+    format_metrics,
+    matrix_metrics,
+    rank_metrics,
+    ranking_metrics,
+)
 
 
 def candidates(lists: dict[str, list[str]]) -> pd.DataFrame:
@@ -104,6 +110,26 @@ def test_matrix_metrics_at_challenge_scale_single_match():
     assert m["R@1"] == pytest.approx(np.mean(true_rank == 1) * 100)
     assert m["mAP"] == pytest.approx(np.mean(1 / true_rank) * 100)
     assert m["mINP"] == pytest.approx(m["mAP"])  # one match: INP = AP
+
+
+def test_rank_and_array_forms_equal_ranking_metrics_exactly():
+    # One metrics path: the array forms (tpas.post's arrays, the ensemble) give ranking_metrics' numbers bit for bit,
+    # with a partial ground truth, true images outside the lists and ragged lists.
+    rng = np.random.default_rng(3)
+    ids = [f"q{i}" for i in range(200)]
+    lists = {q: [f"g{g}" for g in rng.choice(80, int(rng.integers(1, 12)), replace=False)] for q in ids}
+    gt = {q: f"g{rng.integers(0, 90)}" for q in ids if rng.random() < 0.8}  # g80..g89 are in no list
+    want = ranking_metrics(candidates(lists), gt)
+    true_rank = np.array([lists[q].index(gt[q]) + 1.0 if gt[q] in lists[q] else np.inf for q in gt])
+    assert rank_metrics(true_rank) == want
+    names = sorted({g for images in lists.values() for g in images})
+    code = {g: i for i, g in enumerate(names)}
+    img = np.full((len(ids), 11), -1)
+    for row, q in enumerate(ids):
+        img[row, : len(lists[q])] = [code[g] for g in lists[q]]
+    gt_codes = np.array([code.get(gt[q], -1) if q in gt else -2 for q in ids])
+    assert array_metrics(img, gt_codes) == {k: v for k, v in want.items() if k != "mINP"}
+    assert want["mINP"] == want["mAP"]  # one true image per query
 
 
 def test_format_metrics_one_line():

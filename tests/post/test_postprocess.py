@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from itertools import permutations
 
@@ -7,21 +8,23 @@ import pytest
 from scipy.special import log_softmax
 
 from tpas.errors import TpasError
-from tpas.metrics import ranking_metrics
-from tpas.postprocess import (
+from tpas.metrics import array_metrics, ranking_metrics
+from tpas.post.lists import gt_codes_for, to_lists
+from tpas.post.methods import (
     LOG_COLUMNS,
+    METHODS,
+    REGISTRY,
+    Method,
     PostprocessConfig,
-    SCAStageConfig,
+    Step,
     apply_methods,
-    array_metrics,
-    gt_codes_for,
     load_params,
+    method_grid,
     parse_methods,
-    run_sca_stage,
-    to_lists,
     tune,
 )
-from tpas.sca import SCAConfig, cached_embeddings, query_groups
+from tpas.post.sca import SCAConfig, cached_embeddings, query_groups
+from tpas.post.stage import SCAStageConfig, run_sca_stage
 from tpas.schema import CANDIDATE_COLUMNS, candidates_frame, queries_frame
 
 
@@ -196,6 +199,40 @@ def test_composition_writes_valid_schema_and_logs_each_method():
         assert set(log["method"]) <= set(methods)
     with pytest.raises(TpasError, match="--method"):
         parse_methods("sca,magic")
+
+
+def test_registry_fields_are_the_ones_the_help_text_names():
+    # Each config field's help starts with the methods that read it ("sca, assign: ..."), which the
+    # results report parses: it must agree with the registry's `fields`; a grid only sets its method's fields.
+    assert METHODS == list(REGISTRY)
+    lists = to_lists(make({"q1": [("A", 3.0), ("B", 1.0)], "q2": [("B", 2.0), ("A", 0.5)]}), ["q1", "q2"])
+    for f in dataclasses.fields(PostprocessConfig):
+        named = {m.strip() for m in f.metadata["help"].split(":", 1)[0].split(",")}
+        assert named == {name for name, m in REGISTRY.items() if f.name in m.fields}, f.name
+    for name, entry in REGISTRY.items():
+        grid = method_grid(name, lists, PostprocessConfig())
+        assert grid and all(set(setting) <= set(entry.fields) for setting in grid), name
+    with pytest.raises(TpasError, match="unknown post-processing method 'magic'"):
+        method_grid("magic", lists, PostprocessConfig())
+
+
+def test_a_new_method_is_one_function_and_one_registry_entry(monkeypatch):
+    # "swap": each query's first top_k candidates in reverse order (scores stay with their pairs).
+    def swap(lists, params, ctx):
+        perm = np.tile(np.arange(lists.img.shape[1]), (len(lists.img), 1))
+        perm[:, : params.top_k] = perm[:, : params.top_k][:, ::-1]
+        return Step(perm)
+
+    monkeypatch.setitem(REGISTRY, "swap", Method(swap, lambda scale: [{"top_k": 2}, {"top_k": 3}], ("top_k",)))
+    cands = make({"q1": [("A", 3.0), ("B", 2.0), ("C", 1.0)], "q2": [("D", 3.0), ("E", 2.0), ("F", 1.0)]})
+    new, log = apply_methods(cands, queries(["q1", "q2"]), ["swap"], PostprocessConfig(top_k=3))
+    assert as_lists(new) == {"q1": ["C", "B", "A"], "q2": ["F", "E", "D"]} and new_scores(new) == new_scores(cands)
+    assert log["method"].tolist() == ["swap", "swap"] and log["new_image"].tolist() == ["C", "F"]
+    # In a chain with a built-in method (dual softmax keeps these lists' order: no image is shared).
+    new, log = apply_methods(cands, queries(["q1", "q2"]), "dual-softmax,swap", PostprocessConfig(top_k=2))
+    assert as_lists(new) == {"q1": ["B", "A", "C"], "q2": ["E", "D", "F"]} and set(log["method"]) == {"swap"}
+    best, report = tune(cands, queries(["q1", "q2"], gt=["B", "E"]), ["swap"], PostprocessConfig())
+    assert best.top_k == 2 and report["chosen"] == {"swap": {"top_k": 2}} and report["final"]["R@1"] == 100.0
 
 
 def test_array_metrics_equal_ranking_metrics():
