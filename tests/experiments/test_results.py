@@ -1,4 +1,4 @@
-"""`python -m tpas.results` on a tiny demo set: the report, its pictures, its numbers, the stage cache."""
+"""`python -m tpas.experiments.results` on a tiny demo set: the report, its pictures, its numbers, the stage cache."""
 
 from __future__ import annotations
 
@@ -12,18 +12,18 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from tpas import figures
-from tpas import results as results_lib
 from tpas.demo import build_demo
 from tpas.errors import TpasError
-from tpas.metrics import ranking_metrics
-from tpas.results import (
+from tpas.experiments import figures
+from tpas.experiments import results as results_lib
+from tpas.experiments.results import (
     STAGE_FILE,
     ResultsConfig,
     config_differences,
     run_results,
     top1_changes,
 )
+from tpas.metrics import ranking_metrics
 from tpas.schema import ground_truth, read_candidates, read_queries
 
 HEADINGS = ["## Wall time of each stage", "## Table 2: zero-shot vs fine-tuned", "## Score rules",
