@@ -1,6 +1,6 @@
 """Fine-tune the retrieval model (ITC + ITM) on a seeded subset of the training pairs.
 
-On several GPUs: `torchrun --nproc_per_node N train.py ...` (DDP; see tpas.training).
+On several GPUs: `torchrun --nproc_per_node N train.py ...` (DDP; see tpas.train.loop).
 """
 
 import os

@@ -70,7 +70,7 @@ def test_itc_only_ranking_is_sorted_similarity() -> None:
     np.testing.assert_allclose(ranked["score"], np.sort(sims, axis=1)[:, ::-1], rtol=1e-5)
 
 
-# ---------------------------------------------------------------- fast ITM (tpas.fast_itm)
+# ---------------------------------------------------------------- fast ITM (tpas.models.fast_itm)
 
 _MODELS: dict[int, tuple] = {}
 

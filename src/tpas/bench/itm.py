@@ -69,7 +69,7 @@ class ItmBenchConfig:
 def _load_model(cfg: ItmBenchConfig) -> tuple[model_lib.RetrievalModel, model_lib.ModelConfig, str, str]:
     """(model, config, description, cache key)."""
     from tpas.retrieval import _file_digest
-    from tpas.training import load_run_model
+    from tpas.models import load_run_model
 
     if (Path(cfg.run) / "config.json").is_file():
         model, model_cfg = load_run_model(cfg.run)

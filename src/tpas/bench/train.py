@@ -1,6 +1,6 @@
 """Training throughput: pairs/s, peak memory, and where each step's time goes (waiting for the
 DataLoader, forward, backward, optimizer) for several loader settings, on the real loop's pieces
-(tpas.training: PairDataset, ResumableSampler, make_loader, training_step).
+(tpas.train: PairDataset, ResumableSampler, make_loader, training_step).
 
 A setting is `w<N>` (N DataLoader workers) optionally followed by `+memory` or `+disk` (the
 --image-cache of train.py: images decoded once, pre-resized). Each runs --warmup steps, then

@@ -32,7 +32,7 @@ PRETRAINED_BACKBONES = ("tf_efficientnet_lite0", "efficientnet_lite0")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# X-VLM's (and CMP's) text pipeline (tpas.text): pre_caption(caption, 30), [CLS] + word pieces with
+# X-VLM's (and CMP's) text pipeline (tpas.models.text): pre_caption(caption, 30), [CLS] + word pieces with
 # no [SEP], at most 40 ids (Retrieval_flickr/coco.yaml and CMP's configs: max_words 30, max_tokens 40)
 XVLM_TEXT: dict[str, Any] = {"caption_clean": "pre_caption", "max_words": 30, "trailing_sep": False, "max_tokens": 40}
 # CMP's (CMP_Baseline_Code: configs/cmp.yaml, dataset/utils.py, eval.py): X-VLM's pre_caption with
@@ -134,7 +134,7 @@ class ModelConfig:
     itc_head: str = "cls"                       # cls: Linear on the CLS (X-VLM); cmp: CMP's pooled BatchNorm head
     itc_dropout: float = 0.5                    # itc_head cmp: dropout before its Linear (CMP's itc_dp)
     embed_dim: int = 256                        # ITC projection size
-    # the text pipeline (tpas.text); these defaults are MiniLM's/BERT's own: whitespace stripped,
+    # the text pipeline (tpas.models.text); these defaults are MiniLM's/BERT's own: whitespace stripped,
     # [CLS] ... [SEP], 70 ids (the lite preset, and every run trained before pipelines were recorded)
     caption_clean: str = "strip"                # strip | pre_caption (X-VLM's cleaning)
     max_words: int = 30                         # words kept by pre_caption

@@ -33,7 +33,7 @@ class TrainConfig:
     weight_decay: float = field(0.01, "AdamW weight decay (not on biases and norms).")
     model: str = field("lite", "Model preset: lite = EfficientNet-Lite0 + MiniLM-L6 (packaged weights); tiny / xvlm-tiny = random, for smoke tests; xvlm-base = Swin-B + BERT-base (weights via --init X-VLM checkpoint); blip-itm / clip = transformers models (--hf-model). See README, Presets.", choices=list(model_lib.PRESETS))
     hf_model: str | None = field(None, "blip-itm / clip presets: a local transformers model dir (or a hub name when online) to start from; default: the preset's hub name.")
-    # The text pipeline (tpas.text): each defaults to the preset's, the reference model's own convention.
+    # The text pipeline (tpas.models.text): each defaults to the preset's, the reference model's own convention.
     caption_clean: str | None = field(None, "Caption cleaning before tokenization: pre_caption = X-VLM/CMP's (lower-case, "
                                             "punctuation deleted, first --max-words words), strip = whitespace only "
                                             "(default: the preset's: pre_caption for xvlm-* and cmp, strip for the others).",

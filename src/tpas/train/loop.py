@@ -11,7 +11,7 @@ A run directory `runs/<name>/` holds:
 The same loop runs on a CPU or a GPU (`--device`, `--precision`) and on several GPUs with
 `torchrun --nproc_per_node N train.py ...` (DDP): each of the N processes takes its own
 `--batch-size` pairs of every global batch (a disjoint slice of the same seeded permutation), the
-ITC/ITM negatives are gathered over all N (tpas.model), gradients are averaged, so one optimizer
+ITC/ITM negatives are gathered over all N (tpas.models.losses), gradients are averaged, so one optimizer
 step sees batch_size x N x grad_accum pairs. Only rank 0 writes files, validates and prints.
 """
 

@@ -1,9 +1,9 @@
 """DDP on the CPU: 2 processes (gloo) against one process on the same global batch.
 
-One training step is `tpas.training.training_step`, used by both sides. The model runs in eval
+One training step is `tpas.train.loop.training_step`, used by both sides. The model runs in eval
 mode there (BatchNorm on running statistics, no dropout), so a sample's features do not depend
 on which batch it sits in, and with SGD the gradient's scale shows in the weights: equal weights
-mean the all-gathered ITC/ITM (tpas.model) and DDP's averaging give the global batch's gradient.
+mean the all-gathered ITC/ITM (tpas.models.losses) and DDP's averaging give the global batch's gradient.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`python -m tpas.results` on a tiny demo set: the report, its pictures, its numbers, the stage cache."""
+"""`python -m tpas.experiments.results` on a tiny demo set: the report, its pictures, its numbers, the stage cache."""
 
 from __future__ import annotations
 
@@ -12,18 +12,17 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from tpas import figures
-from tpas import results as results_lib
-from tpas.demo import build_demo
 from tpas.errors import TpasError
-from tpas.metrics import ranking_metrics
-from tpas.results import (
+from tpas.experiments import figures
+from tpas.experiments import results as results_lib
+from tpas.experiments.results import (
     STAGE_FILE,
     ResultsConfig,
     config_differences,
     run_results,
     top1_changes,
 )
+from tpas.metrics import ranking_metrics
 from tpas.schema import ground_truth, read_candidates, read_queries
 
 HEADINGS = ["## Wall time of each stage", "## Table 2: zero-shot vs fine-tuned", "## Score rules",
@@ -33,11 +32,10 @@ HEADINGS = ["## Wall time of each stage", "## Table 2: zero-shot vs fine-tuned",
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[ResultsConfig, dict]:
+def first_run(tmp_path_factory: pytest.TempPathFactory, tiny_demo: Path) -> tuple[ResultsConfig, dict]:
     root = tmp_path_factory.mktemp("results")
-    demo = root / "demo"
-    build_demo(demo, seed=0, n_train=240, n_test=24, workers=1, progress=False)
-    cfg = ResultsConfig(data_root=demo, val_root=root / "val", val_queries=20, runs_dir=root / "runs",
+    # The session's demo set: the results page only reads its data root (the val set is its own).
+    cfg = ResultsConfig(data_root=tiny_demo, val_root=root / "val", val_queries=20, runs_dir=root / "runs",
                         main_subset=96, main_epochs=1, model="tiny", val_size=32, k=10, sweep_sizes=[40, 0],
                         sweep_steps=2, sweep_k=10, methods=["sca", "dual-softmax,sca"], output_dir=root / "out",
                         cache_dir=root / "cache", doc=root / "docs" / "results.md", figure_queries=4, threads=1,

@@ -21,7 +21,7 @@ from tpas.models.convert.xvlm import load_initial_weights
 from tpas.models.text import pre_caption
 from tpas.retrieval import rank
 
-REF = Path(__file__).parent / "data" / "xvlm-reference"
+REF = Path(__file__).parents[1] / "data" / "xvlm-reference"
 ATOL = 1e-5  # benign differences inside X-VLM are <= 9.5e-7; any broken convention moves values by >= 0.019
 
 

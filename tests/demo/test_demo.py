@@ -11,6 +11,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from tpas import demo
+from tpas.demo import build as demo_build
+from tpas.demo import captions, planning, vocabulary
 from tpas.errors import TpasError
 
 N_TRAIN, N_TEST, RATIO = 60, 20, 0.5
@@ -25,7 +27,9 @@ def _build(path: Path, **kw) -> dict:
             "progress": False}
     args.update(kw)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(demo, "SHARD_SIZE", SMALL_SHARD)
+        # planning names the files by shard and build writes the shards: both read SHARD_SIZE
+        for module in (planning, demo_build):
+            mp.setattr(module, "SHARD_SIZE", SMALL_SHARD)
         return demo.build_demo(path, **args)
 
 
@@ -216,11 +220,11 @@ def test_heldout_phrases_are_disjoint_from_training_phrases():
         assert len(demo.ACTION_PHRASES[action]) >= 2 and len(demo.HELDOUT_ACTION_PHRASES[action]) >= 2
         for b in demo.HELDOUT_ACTION_PHRASES[action]:
             assert not any(a in b for ps in demo.ACTION_PHRASES.values() for a in ps), b
-    assert len(demo._TEMPLATES_A) >= 6 and len(demo._TEMPLATES_B) >= 6
+    assert len(captions._TEMPLATES_A) >= 6 and len(captions._TEMPLATES_B) >= 6
 
 
 def test_near_twins_are_common_and_separable_by_their_captions():
-    queries, distractors = demo._plan_test(0, 2000, 1000)
+    queries, distractors = planning._plan_test(0, 2000, 1000)
     twin_share = sum(q.extra["twin_kind"] != "single" for q in queries) / len(queries)
     assert 0.4 <= twin_share <= 0.6
     assert sum("twin_of_group" in d.extra for d in distractors) / len(distractors) >= 0.4
@@ -239,7 +243,7 @@ def test_near_twins_are_common_and_separable_by_their_captions():
                 diff = [f for f in vars(base.appearance) if getattr(base.appearance, f) != getattr(m.appearance, f)]
                 assert diff == [attr] and m.action == base.action and m.person != base.person
                 # both captions have to state the attribute that tells them apart
-                assert demo._VARIATION_MENTION[attr] in base.must | {"top"}
+                assert vocabulary._VARIATION_MENTION[attr] in base.must | {"top"}
     assert kinds == {"same_person", "look_alike"}
 
 
