@@ -68,8 +68,8 @@ class ItmBenchConfig:
 
 def _load_model(cfg: ItmBenchConfig) -> tuple[model_lib.RetrievalModel, model_lib.ModelConfig, str, str]:
     """(model, config, description, cache key)."""
-    from tpas.retrieval import _file_digest
     from tpas.models import load_run_model
+    from tpas.retrieval import _file_digest
 
     if (Path(cfg.run) / "config.json").is_file():
         model, model_cfg = load_run_model(cfg.run)

@@ -11,15 +11,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from tpas import distributed
-
-if TYPE_CHECKING:
-    from tpas.models.base import RetrievalModel
 
 
 def pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
@@ -30,7 +28,7 @@ def pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, extra) if t.dim() == 3 else (0, extra))
 
 
-def gather_batch(model: RetrievalModel, image_feat: torch.Tensor, text_feat: torch.Tensor, input_ids: torch.Tensor,
+def gather_batch(model: nn.Module, image_feat: torch.Tensor, text_feat: torch.Tensor, input_ids: torch.Tensor,
                attention_mask: torch.Tensor, image_ids: torch.Tensor | None) -> dict[str, Any] | None:
     """The global batch (every rank's rows, in rank order) under torch.distributed with more
     than one rank, else None. Token tensors are padded to the longest caption of any rank."""
@@ -91,7 +89,7 @@ def draw_negatives(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=weights.shape[1] - 1)
 
 
-def itm_loss(model: RetrievalModel, image_embeds: torch.Tensor, image_feat: torch.Tensor, text_embeds: torch.Tensor,
+def itm_loss(model: nn.Module, image_embeds: torch.Tensor, image_feat: torch.Tensor, text_embeds: torch.Tensor,
               text_feat: torch.Tensor, text_mask: torch.Tensor, positive: torch.Tensor,
               hard_image_embeds: torch.Tensor | None,
               hard_text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,

@@ -199,6 +199,8 @@ class XVLMModel(RetrievalModel):
     """X-VLM's architecture: image encoder -> image tokens (see ImageTokens), text encoder, fusion
     layers whose cross-attention reads the image tokens, ITC projections and an ITM head."""
 
+    STOCK_FUSION_LAYER = FusionLayer  # what tpas.models.fast_itm's exact algebra is written for
+
     def __init__(self, cfg: ModelConfig, image_encoder: nn.Module, text_encoder: BertModel):
         super().__init__()
         self.cfg = cfg
