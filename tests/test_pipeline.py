@@ -129,3 +129,24 @@ def test_nan_scores_are_refused_not_written(demo: Path, tmp_path: Path, monkeypa
     with pytest.raises(TpasError, match=r"scored 1 of 24 queries with NaN or infinity \(first: query"):
         infer(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_config_replays_a_saved_config_and_given_flags_win(demo: Path, tmp_path: Path) -> None:
+    """--config FILE: every flag not given takes the file's value; a given one wins."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    _run("train.py", "--data-root", str(demo), "--model", "tiny", "--subset", "48", "--val-size", "0",
+         "--batch-size", "16", "--epochs", "1", "--max-steps", "1", "--runs-dir", str(runs), "--name", "a",
+         "--no-progress")
+    # the same run again under another name, from its saved config alone
+    _run("train.py", "--config", str(runs / "a" / "config.json"), "--name", "b", "--no-progress")
+    a, b = (json.loads((runs / n / "config.json").read_text())["train"] for n in ("a", "b"))
+    assert {k: v for k, v in a.items() if k != "name"} == {k: v for k, v in b.items() if k != "name"}
+    _run("infer.py", "--data-root", str(demo), "--run", str(runs / "a"), "--output-dir", str(out / "i1"),
+         "--k", "12", "--cache-dir", str(out / "cache"), "--no-progress")
+    _run("infer.py", "--config", str(out / "i1" / "infer_config.json"), "--output-dir", str(out / "i2"))
+    replayed = json.loads((out / "i2" / "infer_config.json").read_text())
+    assert replayed["k"] == 12 and replayed["output_dir"] == str(out / "i2")
+    assert pd.read_parquet(out / "i2" / "candidates.parquet").equals(pd.read_parquet(out / "i1" / "candidates.parquet"))
+    bad = subprocess.run([sys.executable, "infer.py", "--config", str(demo / "challenge" / "query_index.txt")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.startswith("error: ")

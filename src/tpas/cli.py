@@ -19,6 +19,7 @@ import click
 from click.core import ParameterSource
 
 from tpas.errors import TpasError
+from tpas.io import read_json
 
 T = TypeVar("T")
 
@@ -91,7 +92,7 @@ def config_command(config_cls: type[T], help: str) -> Callable[[Callable[[T], An
     hints = typing.get_type_hints(config_cls)
 
     def decorate(fn: Callable[[T], Any]) -> click.Command:
-        def callback(**kwargs: Any) -> None:
+        def callback(config_file: Path | None = None, **kwargs: Any) -> None:
             context = click.get_current_context()
             values, given = {}, set()
             for f in dataclasses.fields(config_cls):  # type: ignore[arg-type]
@@ -101,15 +102,53 @@ def config_command(config_cls: type[T], help: str) -> Callable[[Callable[[T], An
                 values[f.name] = value
                 if context.get_parameter_source(f.name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
                     given.add(f.name)
-            # built inside the handler: a bad value (a TpasError from __post_init__) is one sentence too
-            run_cli(lambda: fn(with_given(config_cls(**values), given)))
+
+            def build() -> T:
+                # built inside the handler: a bad value (a TpasError from __post_init__) is one sentence too
+                if config_file is not None:
+                    replayed = {k: v for k, v in replay(config_file, config_cls).items() if k not in given}
+                    values.update(replayed)
+                    given.update(replayed)
+                return with_given(config_cls(**values), given)
+
+            run_cli(lambda: fn(build()))
 
         command = callback
         for f in reversed(dataclasses.fields(config_cls)):  # type: ignore[arg-type]
             command = _option_for(f, hints[f.name])(command)
+        command = click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+                               help="Replay a saved config (a stage's *_config.json, or a run's config.json): its "
+                                    "value for every flag not given on this command line.")(command)
         return click.command(help=help, context_settings={"show_default": True})(command)
 
     return decorate
+
+
+def replay(path: Path, config_cls: type) -> dict[str, Any]:
+    """The settings of `config_cls` saved in `path` (a dataclass written by tpas.io.write_json, or a
+    run's config.json, whose "train" part is train.py's), typed back (paths, tuples, lists)."""
+    data = read_json(path)
+    known = {f.name: f for f in dataclasses.fields(config_cls)}
+    if isinstance(data, dict) and isinstance(data.get("train"), dict) and "train" not in known:
+        data = data["train"]
+    if not isinstance(data, dict) or not set(data) & set(known):
+        raise TpasError(f"{path}: holds none of this command's settings; pass the *_config.json this command wrote "
+                        f"(or a run's config.json for train.py).")
+    hints = typing.get_type_hints(config_cls)
+    out = {}
+    for name, value in data.items():
+        if name not in known:
+            continue
+        base, _ = _strip_optional(hints[name])
+        if value is not None:
+            if base is Path:
+                value = Path(value)
+            elif typing.get_origin(base) is tuple:
+                value = tuple(value)
+            elif typing.get_origin(base) is list:
+                value = list(value)
+        out[name] = value
+    return out
 
 
 def run_cli(action: Callable[[], Any]) -> Any:

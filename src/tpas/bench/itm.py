@@ -201,7 +201,7 @@ def run_benchmark(cfg: ItmBenchConfig) -> dict[str, Any]:
     info = {**machine_info(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     model, model_cfg, model_desc, model_key = _load_model(cfg)
     if not fast_itm_lib.supports(model):
-        raise TpasError(f"{cfg.run}: the fast ITM path needs a tpas-family model; this run is {model_cfg.family}.")
+        raise TpasError(f"{cfg.run}: the fast ITM path needs an xvlm-family model; this run is {model_cfg.family}.")
     text = model_lib.build_text_pipeline(model_cfg)
     captions, image_feat, image_embeds, data_desc = _data(cfg, model, model_key, model_cfg)
     itc_weight = 1.0 / float(model.temp.detach())

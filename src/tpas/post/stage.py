@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from tpas.cli import field
+from tpas.cli import field, given_fields
 from tpas.errors import TpasError
 from tpas.io import staged_dir, write_bytes, write_json, write_parquet, write_text
 from tpas.metrics import ranking_metrics
@@ -65,10 +65,10 @@ def _resolve(cfg: SCAStageConfig) -> tuple[PostprocessConfig, list[str]]:
     params, methods = cfg.postprocess(), parse_methods(cfg.method) if cfg.method else ["sca"]
     if cfg.params is not None:
         tuned, tuned_methods = load_params(cfg.params)
-        defaults = PostprocessConfig()
-        # A flag left at its default takes the file's value; a flag set explicitly wins.
-        changed = {f.name: getattr(params, f.name) for f in dataclasses.fields(PostprocessConfig)
-                   if getattr(params, f.name) != getattr(defaults, f.name)}
+        # A flag not given takes the file's value; a flag given on the command line wins, even
+        # when it repeats the default (tpas.cli.given_fields; in Python: differs from the default).
+        given = given_fields(cfg)
+        changed = {f.name: getattr(params, f.name) for f in dataclasses.fields(PostprocessConfig) if f.name in given}
         params = tuned.replace(**changed)
         methods = parse_methods(cfg.method) if cfg.method else tuned_methods
     return params, methods

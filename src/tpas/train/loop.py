@@ -262,179 +262,247 @@ def train(cfg: TrainConfig) -> dict:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig) -> dict:
+def _open_run(cfg: TrainConfig) -> tuple[TrainConfig, Path, Path | None, model_lib.ModelConfig | None, list[str]]:
+    """(config to run, run dir, checkpoint to resume or None, the run's saved ModelConfig on a
+    resume, notes): a new run must not exist yet, a resumed one must (see _resolved_config)."""
     given = given_fields(cfg)
     run_dir = Path(cfg.runs_dir) / cfg.name
     started_before = (run_dir / "config.json").is_file()
-    checkpoint = find_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and not started_before:
         raise TpasError(f"{run_dir}: no run to resume here; drop --resume to start a new run.")
     if not cfg.resume and started_before:
         raise TpasError(f"{run_dir}: a run with this name exists; pass --resume to continue it (a run that stopped "
                         f"before its first checkpoint starts again) or --name for a new one.")
-    notes: list[str] = []
-    saved_model = None
-    if cfg.resume:
-        cfg, notes = _resolved_config(cfg, run_dir, given)
-        # the model (and its text pipeline) is what the run was built with, whatever the preset says today
-        saved_model = model_lib.ModelConfig.from_dict(read_json(run_dir / "config.json")["model"])
-    resumed_subset = read_json(run_dir / "subset.json") if checkpoint is not None else None
-    runtime = resolve_runtime(cfg.device, cfg.precision)
-    say = print if runtime.is_main else (lambda *args, **kwargs: None)
-    for note in notes:
-        say(f"note: {note}")
-    if cfg.resume and checkpoint is None:
-        say(f"{run_dir}: stopped before its first checkpoint; starting it again from step 0 with its saved settings")
+    if not cfg.resume:
+        return cfg, run_dir, None, None, []
+    checkpoint = find_checkpoint(run_dir)
+    cfg, notes = _resolved_config(cfg, run_dir, given)
+    # the model (and its text pipeline) is what the run was built with, whatever the preset says today
+    saved_model = model_lib.ModelConfig.from_dict(read_json(run_dir / "config.json")["model"])
+    return cfg, run_dir, checkpoint, saved_model, notes
+
+
+class _Trainer:
+    """One train() call, in phases: the pairs, the model, its optimizer (restored on a resume),
+    the epochs, the final weights. Only rank 0 writes files, validates and prints."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.run_dir, self.checkpoint, saved_model, notes = _open_run(cfg)
+        self.runtime = resolve_runtime(self.cfg.device, self.cfg.precision)
+        self.say = print if self.runtime.is_main else (lambda *args, **kwargs: None)
+        for note in notes:
+            self.say(f"note: {note}")
+        if self.cfg.resume and self.checkpoint is None:
+            self.say(f"{self.run_dir}: stopped before its first checkpoint; starting it again from step 0 with its "
+                     f"saved settings")
+            if self.runtime.is_main:
+                _clear_run(self.run_dir)
+        self.runtime.barrier()  # every rank has seen the run dir as it was before rank 0 writes into it
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        self.started = time.time()
+        self.model_cfg = saved_model or model_config_for(self.cfg)
+        if self.runtime.is_main and self.checkpoint is None:
+            # first of all: a run killed at any point after this can be started again by --resume
+            self._write_config()
+        self.history: list[dict] = []
+        self.position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "world_size": self.runtime.world_size}
+
+    def _write_config(self) -> None:
+        write_json(self.run_dir / "config.json", {"train": self.cfg, "model": dataclasses.asdict(self.model_cfg)})
+
+    # ---- the pairs
+
+    def prepare_pairs(self) -> None:
+        cfg, runtime = self.cfg, self.runtime
+        resumed_subset = read_json(self.run_dir / "subset.json") if self.checkpoint is not None else None
         if runtime.is_main:
-            _clear_run(run_dir)
-    runtime.barrier()  # every rank has seen the run dir as it was before rank 0 writes into it
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    started = time.time()
-    if runtime.is_main and checkpoint is None:
-        # first of all: a run killed at any point after this can be started again by --resume
-        write_json(run_dir / "config.json", {"train": cfg, "model": dataclasses.asdict(saved_model or model_config_for(cfg))})
-    if runtime.is_main:
-        ensure_data(cfg.data_root, cfg.seed)
-        train_frame, val_frame, skipped = _prepare_data(cfg, run_dir, resumed_subset)
+            ensure_data(cfg.data_root, cfg.seed)
+            train_frame, val_frame, skipped = _prepare_data(cfg, self.run_dir, resumed_subset)
+            if self.checkpoint is None:
+                write_json(self.run_dir / "subset.json", {"seed": cfg.seed, "train": train_frame["image_id"].tolist(),
+                                                          "val": val_frame["image_id"].tolist()})
+        runtime.barrier()
+        if not runtime.is_main:  # the pairs rank 0 chose (and checked)
+            train_frame, val_frame, skipped = _prepare_data(cfg, self.run_dir, read_json(self.run_dir / "subset.json"))
+        self.per_step = cfg.batch_size * runtime.world_size * cfg.grad_accum
+        self.text = model_lib.build_text_pipeline(self.model_cfg)
+        self.train_frame, bad_train = _readable_captions(train_frame, self.text, cfg)
+        self.val_frame, bad_val = _readable_captions(val_frame, self.text, cfg)
+        self.skipped = skipped + bad_train + bad_val
+        if cfg.steps:  # a step budget: enough epochs to hold it, the last one cut short
+            budget_epoch = ResumableSampler(len(self.train_frame), cfg.seed, cfg.batch_size, runtime.rank,
+                                            runtime.world_size, cfg.grad_accum).batches_per_epoch() // cfg.grad_accum
+            self.cfg = cfg = dataclasses.replace(cfg, epochs=math.ceil(cfg.steps / max(1, budget_epoch)))
+        if len(self.train_frame) < self.per_step:
+            raise TpasError(f"{cfg.data_root}: only {len(self.train_frame)} usable training pairs, fewer than one "
+                            f"optimizer step takes (--batch-size {cfg.batch_size} x {runtime.world_size} processes x "
+                            f"--grad-accum {cfg.grad_accum}).")
+        if self.skipped:
+            self.say(f"skipped {self.skipped} bad sample(s) (--on-bad-sample skip)")
+
+    # ---- the model and its optimizer
+
+    def build_model(self) -> None:
+        cfg, runtime = self.cfg, self.runtime
+        torch.manual_seed(cfg.seed)
+        self.model = model = model_lib.build_model(self.model_cfg)
+        if cfg.init is not None and self.checkpoint is None:
+            # every rank loads (DDP would broadcast rank 0's anyway); only rank 0 reports
+            with contextlib.nullcontext() if runtime.is_main else contextlib.redirect_stdout(io.StringIO()):
+                report = load_init(model, cfg.init)
+            self.say(f"init from {cfg.init}: {_describe_report(report)}")
+        if runtime.is_main:  # on a resume too: a longer --epochs must survive the next resume
+            self._write_config()
+        if cfg.grad_checkpointing:
+            try:
+                model.set_grad_checkpointing(True)
+            except NotImplementedError as exc:
+                raise TpasError(f"--grad-checkpointing: {exc}; train without it.") from None
+        transform = model_lib.image_transform(self.model_cfg, train=True)
+        self.dataset = PairDataset(self.train_frame, cfg.data_root, transform, cfg.seed, cfg.pab_hard_negatives)
+        if cfg.image_cache != "none":
+            self.dataset.cache = _image_cache(cfg, self.dataset, transform, self.run_dir, runtime)
+        self.sampler = ResumableSampler(len(self.dataset), cfg.seed, cfg.batch_size, runtime.rank, runtime.world_size,
+                                        cfg.grad_accum)
+        self.steps_per_epoch = self.sampler.batches_per_epoch() // cfg.grad_accum
+        total_steps = cfg.steps or self.steps_per_epoch * cfg.epochs
+        model.to(runtime.device)
+        self.optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay, cfg.lr, cfg.new_lr_mult), lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda step: max(0.0, 1.0 - step / max(1, total_steps)))
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
+
+    def restore(self) -> None:
+        """The checkpoint's weights, optimizer, schedule, scaler, RNG state and position."""
+        runtime, checkpoint = self.runtime, self.checkpoint
         if checkpoint is None:
-            write_json(run_dir / "subset.json", {"seed": cfg.seed, "train": train_frame["image_id"].tolist(),
-                                                 "val": val_frame["image_id"].tolist()})
-    runtime.barrier()
-    if not runtime.is_main:  # the pairs rank 0 chose (and checked)
-        train_frame, val_frame, skipped = _prepare_data(cfg, run_dir, read_json(run_dir / "subset.json"))
-    per_step = cfg.batch_size * runtime.world_size * cfg.grad_accum
-    model_cfg = saved_model or model_config_for(cfg)
-    text = model_lib.build_text_pipeline(model_cfg)
-    train_frame, bad_train = _readable_captions(train_frame, text, cfg)
-    val_frame, bad_val = _readable_captions(val_frame, text, cfg)
-    skipped += bad_train + bad_val
-    if cfg.steps:  # a step budget: enough epochs to hold it, the last one cut short
-        budget_epoch = ResumableSampler(len(train_frame), cfg.seed, cfg.batch_size, runtime.rank, runtime.world_size,
-                                           cfg.grad_accum).batches_per_epoch() // cfg.grad_accum
-        cfg = dataclasses.replace(cfg, epochs=math.ceil(cfg.steps / max(1, budget_epoch)))
-    if len(train_frame) < per_step:
-        raise TpasError(f"{cfg.data_root}: only {len(train_frame)} usable training pairs, fewer than one optimizer step takes "
-                        f"(--batch-size {cfg.batch_size} x {runtime.world_size} processes x --grad-accum {cfg.grad_accum}).")
-    if skipped:
-        say(f"skipped {skipped} bad sample(s) (--on-bad-sample skip)")
-
-    torch.manual_seed(cfg.seed)
-    model = model_lib.build_model(model_cfg)
-    if cfg.init is not None and checkpoint is None:
-        # every rank loads (DDP would broadcast rank 0's anyway); only rank 0 reports
-        with contextlib.nullcontext() if runtime.is_main else contextlib.redirect_stdout(io.StringIO()):
-            report = load_init(model, cfg.init)
-        say(f"init from {cfg.init}: {_describe_report(report)}")
-    if runtime.is_main:  # on a resume too: a longer --epochs must survive the next resume
-        write_json(run_dir / "config.json", {"train": cfg, "model": dataclasses.asdict(model_cfg)})
-    if cfg.grad_checkpointing:
-        try:
-            model.set_grad_checkpointing(True)
-        except NotImplementedError as exc:
-            raise TpasError(f"--grad-checkpointing: {exc}; train without it.") from None
-
-    transform = model_lib.image_transform(model_cfg, train=True)
-    dataset = PairDataset(train_frame, cfg.data_root, transform, cfg.seed, cfg.pab_hard_negatives)
-    if cfg.image_cache != "none":
-        dataset.cache = _image_cache(cfg, dataset, transform, run_dir, runtime)
-    sampler = ResumableSampler(len(dataset), cfg.seed, cfg.batch_size, runtime.rank, runtime.world_size, cfg.grad_accum)
-    steps_per_epoch = sampler.batches_per_epoch() // cfg.grad_accum
-    total_steps = cfg.steps or steps_per_epoch * cfg.epochs
-    model.to(runtime.device)
-    optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay, cfg.lr, cfg.new_lr_mult), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / max(1, total_steps)))
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
-    history: list[dict] = []
-    position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "world_size": runtime.world_size}
-    if checkpoint is not None:
-        load_weights(model, checkpoint / "model.safetensors")
+            if runtime.world_size > 1:  # DDP syncs the weights; dropout masks should differ between ranks
+                torch.manual_seed(stable_seed(self.cfg.seed, runtime.rank, 17))
+            return
+        load_weights(self.model, checkpoint / "model.safetensors")
         state = _load_train_state(checkpoint / "train_state.pt")
         saved_world = state["position"].get("world_size", 1)
         if saved_world != runtime.world_size:
             raise TpasError(f"{checkpoint}: the run was trained by {saved_world} process(es); resume it with "
                             f"torchrun --nproc_per_node {saved_world} (now {runtime.world_size}).")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
+            self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng_ranks"][runtime.rank] if "rng_ranks" in state else state["rng"], runtime)
-        position = state["position"]
-        if (run_dir / "history.json").is_file():
-            history = read_json(run_dir / "history.json")
-        say(f"resuming {run_dir} at epoch {position['epoch'] + 1}, step {position['global_step']}")
-    elif runtime.world_size > 1:  # DDP syncs the weights; dropout masks should differ between ranks
-        torch.manual_seed(stable_seed(cfg.seed, runtime.rank, 17))
-    say(f"training on {runtime.device} ({runtime.precision}), {runtime.world_size} process(es) x {cfg.batch_size} pairs"
-        f" x {cfg.grad_accum} micro-batch(es) = {per_step} pairs per optimizer step, {steps_per_epoch} steps per epoch")
+        self.position = state["position"]
+        if (self.run_dir / "history.json").is_file():
+            self.history = read_json(self.run_dir / "history.json")
+        self.say(f"resuming {self.run_dir} at epoch {self.position['epoch'] + 1}, step {self.position['global_step']}")
 
-    net: torch.nn.Module = model
-    if runtime.world_size > 1:
-        net = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    if cfg.compile:
-        net = torch.compile(net)
-    eval_transform = model_lib.image_transform(model_cfg, train=False)
-    workers = auto_workers(cfg.workers, runtime.device)
-    loader = make_loader(dataset, sampler, make_collate(text), workers, runtime, cfg.seed)
-    model.train()
-    stop = False
-    for epoch in range(position["epoch"], cfg.epochs):
-        dataset.epoch = sampler.epoch = epoch
+    # ---- the epochs
+
+    def _save(self) -> None:
+        save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, self.position, self.scaler,
+                        self.runtime)
+
+    def run(self) -> None:
+        cfg, runtime = self.cfg, self.runtime
+        self.say(f"training on {runtime.device} ({runtime.precision}), {runtime.world_size} process(es) x "
+                 f"{cfg.batch_size} pairs x {cfg.grad_accum} micro-batch(es) = {self.per_step} pairs per optimizer step, "
+                 f"{self.steps_per_epoch} steps per epoch")
+        net: torch.nn.Module = self.model
+        if runtime.world_size > 1:
+            net = DistributedDataParallel(self.model,
+                                          device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+        if cfg.compile:
+            net = torch.compile(net)
+        self.eval_transform = model_lib.image_transform(self.model_cfg, train=False)
+        workers = auto_workers(cfg.workers, runtime.device)
+        loader = make_loader(self.dataset, self.sampler, make_collate(self.text), workers, runtime, cfg.seed)
+        self.model.train()
+        for epoch in range(self.position["epoch"], cfg.epochs):
+            stop, finished_epoch, losses = self._epoch(net, loader, epoch)
+            if stop and not finished_epoch:
+                self._save()
+                break
+            self._end_epoch(epoch, losses)
+            if stop:
+                break
+        del loader  # ends the persistent workers
+
+    def _epoch(self, net: torch.nn.Module, loader: Any, epoch: int) -> tuple[bool, bool, list[float]]:
+        """One epoch's steps (from the resumed position); returns (stop: --max-steps reached,
+        whether the epoch ran to its end or its step budget, the epoch's losses)."""
+        cfg, position = self.cfg, self.position
+        self.dataset.epoch = self.sampler.epoch = epoch
         start = position["step_in_epoch"] if epoch == position["epoch"] else 0
-        sampler.skip_batches = start * cfg.grad_accum
+        self.sampler.skip_batches = start * cfg.grad_accum
         # Losses of steps before a mid-epoch resume come back from the checkpoint.
         losses = list(position.get("epoch_losses", [])) if epoch == position["epoch"] else []
         batches = iter(loader)
-        bar = tqdm(range(start, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (cfg.progress and runtime.is_main), dynamic_ncols=True)
-        step_in_epoch = start
+        bar = tqdm(range(start, self.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and self.runtime.is_main), dynamic_ncols=True)
+        step_in_epoch, stop = start, False
         for _ in bar:
             micro_batches = [next(batches) for _micro in range(cfg.grad_accum)]
-            out = training_step(net, micro_batches, optimizer, scaler, runtime)
-            scheduler.step()
+            out = training_step(net, micro_batches, self.optimizer, self.scaler, self.runtime)
+            self.scheduler.step()
             step_in_epoch += 1
             losses.append(out["loss"])
-            position = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": position["global_step"] + 1,
-                        "world_size": runtime.world_size, "epoch_losses": losses}
+            self.position = {"epoch": epoch, "step_in_epoch": step_in_epoch,
+                             "global_step": self.position["global_step"] + 1, "world_size": self.runtime.world_size,
+                             "epoch_losses": losses}
             bar.set_postfix(itc=f"{out['loss_itc']:.3f}", itm=f"{out['loss_itm']:.3f}")
+            step = self.position["global_step"]
             if not math.isfinite(losses[-1]):
-                raise TpasError(f"loss became {losses[-1]} at step {position['global_step']}; lower --lr.")
-            if cfg.steps and position["global_step"] >= cfg.steps:
+                raise TpasError(f"loss became {losses[-1]} at step {step}; lower --lr.")
+            if cfg.steps and step >= cfg.steps:
                 break  # the budget is spent: validate and save as at an epoch end
-            if cfg.max_steps is not None and position["global_step"] >= cfg.max_steps:
+            if cfg.max_steps is not None and step >= cfg.max_steps:
                 stop = True
                 break
-            if cfg.save_every and position["global_step"] % cfg.save_every == 0 and step_in_epoch < steps_per_epoch:
-                save_checkpoint(run_dir, model, optimizer, scheduler, position, scaler, runtime)
+            if cfg.save_every and step % cfg.save_every == 0 and step_in_epoch < self.steps_per_epoch:
+                self._save()
         del batches
-        if stop and step_in_epoch < steps_per_epoch:
-            save_checkpoint(run_dir, model, optimizer, scheduler, position, scaler, runtime)
-            break
-        position = {"epoch": epoch + 1, "step_in_epoch": 0, "global_step": position["global_step"],
-                    "world_size": runtime.world_size}
+        return stop, not stop or step_in_epoch >= self.steps_per_epoch, losses
+
+    def _end_epoch(self, epoch: int, losses: list[float]) -> None:
+        """Validate (rank 0), record the history, checkpoint at the epoch boundary."""
+        runtime = self.runtime
+        self.position = {"epoch": epoch + 1, "step_in_epoch": 0, "global_step": self.position["global_step"],
+                         "world_size": runtime.world_size}
         if runtime.is_main:
-            metrics = validate(model, val_frame, cfg.data_root, eval_transform, text,
-                               runtime=runtime) if len(val_frame) else {}
-            history.append({"epoch": epoch + 1, "step": position["global_step"],
-                            "loss": float(np.mean(losses)) if losses else None, "val_itc": metrics})
-            write_json(run_dir / "history.json", history)
+            metrics = validate(self.model, self.val_frame, self.cfg.data_root, self.eval_transform, self.text,
+                               runtime=runtime) if len(self.val_frame) else {}
+            self.history.append({"epoch": epoch + 1, "step": self.position["global_step"],
+                                 "loss": float(np.mean(losses)) if losses else None, "val_itc": metrics})
+            write_json(self.run_dir / "history.json", self.history)
         runtime.barrier()  # the other ranks wait for rank 0's validation
-        save_checkpoint(run_dir, model, optimizer, scheduler, position, scaler, runtime)
+        self._save()
         if runtime.is_main:
-            say(f"epoch {epoch + 1}: loss {history[-1]['loss']:.4f}  "
-                f"val (ITC) {format_metrics(history[-1]['val_itc']) if history[-1]['val_itc'] else '-'}")
-        if stop:
-            break
-    del loader  # ends the persistent workers
-    summary = {"run_dir": str(run_dir), "train_pairs": len(train_frame), "val_pairs": len(val_frame),
-               "skipped": skipped, "steps": position["global_step"], "seconds": round(time.time() - started, 1),
-               "val_itc": history[-1]["val_itc"] if history else None, "device": str(runtime.device),
-               "precision": runtime.precision, "processes": runtime.world_size, "pairs_per_step": per_step}
-    if runtime.is_main:
-        save_weights(model, run_dir / "model.safetensors", {"global_step": str(position["global_step"])})
-        write_json(run_dir / "train_summary.json", summary)
-    runtime.barrier()
-    return summary
+            last = self.history[-1]
+            self.say(f"epoch {epoch + 1}: loss {last['loss']:.4f}  "
+                     f"val (ITC) {format_metrics(last['val_itc']) if last['val_itc'] else '-'}")
+
+    def finish(self) -> dict:
+        runtime = self.runtime
+        summary = {"run_dir": str(self.run_dir), "train_pairs": len(self.train_frame), "val_pairs": len(self.val_frame),
+                   "skipped": self.skipped, "steps": self.position["global_step"],
+                   "seconds": round(time.time() - self.started, 1),
+                   "val_itc": self.history[-1]["val_itc"] if self.history else None, "device": str(runtime.device),
+                   "precision": runtime.precision, "processes": runtime.world_size, "pairs_per_step": self.per_step}
+        if runtime.is_main:
+            save_weights(self.model, self.run_dir / "model.safetensors",
+                         {"global_step": str(self.position["global_step"])})
+            write_json(self.run_dir / "train_summary.json", summary)
+        runtime.barrier()
+        return summary
+
+
+def _train(cfg: TrainConfig) -> dict:
+    trainer = _Trainer(cfg)
+    trainer.prepare_pairs()
+    trainer.build_model()
+    trainer.restore()
+    trainer.run()
+    return trainer.finish()
 
 
 def _image_cache(cfg: TrainConfig, dataset: PairDataset, transform: Any, run_dir: Path, runtime: Runtime) -> ResizedImages | None:
