@@ -83,7 +83,9 @@ def test_split_is_seeded_stratified_and_disjoint_by_video(pab: Path) -> None:
     assert val["image_id"].tolist() == val_again["image_id"].tolist()
     assert train["image_id"].tolist() != other["image_id"].tolist()
     assert len(train) == 10 and train["abnormal"].sum() == 5  # stratified: half abnormal like the data
-    videos = lambda f: {s.rsplit("_", 1)[0] for s in f["source_id"]}
+    def videos(f):
+        return {s.rsplit("_", 1)[0] for s in f["source_id"]}
+
     assert not videos(train) & videos(val)
     _, val_big = split_train_val(frame, subset=20, val_size=10, seed=3)
     assert val_big["image_id"].tolist() == val["image_id"].tolist()  # validation independent of subset size

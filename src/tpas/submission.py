@@ -135,32 +135,38 @@ def check_answer(path: Path, query_index: Path | list[str] | None = None, galler
     pattern = known is None and sum(bool(CHALLENGE_NAME.fullmatch(n)) for n in all_names) > len(all_names) / 2
 
     for number, (line, names) in enumerate(zip(lines, names_by_line), start=1):
-        where = f"{path} line {number}"
-        if not names:
-            problems.append(f"{where}: is blank; every query needs {per_line} names.")
-            continue
-        if "\t" in line:
-            problems.append(f"{where}: contains a tab; separate names with single spaces.")
-        if "  " in line:
-            problems.append(f"{where}: contains a double space; separate names with single spaces.")
-        if line != line.strip():
-            problems.append(f"{where}: has leading or trailing whitespace; remove it.")
-        if "\r" in line:
-            problems.append(f"{where}: contains a stray carriage return; use CRLF only at line ends.")
-        if len(names) != per_line:
-            problems.append(f"{where}: has {len(names)} names; it needs exactly {per_line}.")
-        for name, count in Counter(names).items():
-            if count > 1:
-                problems.append(f"{where}: repeats {name}; each name may appear once per line.")
-        for name in dict.fromkeys(names):
-            stem, dot, ext = name.rpartition(".")
-            if dot and stem:
-                problems.append(f"{where}: {name} has a file extension; write the name without .{ext}.")
-                name = stem
-            if known is not None and name not in known:
-                problems.append(f"{where}: {name} is not a gallery image name.")
-            elif pattern and not CHALLENGE_NAME.fullmatch(name):
-                problems.append(f"{where}: {name} is not a 15-character A-Z/0-9 gallery name.")
+        problems += _line_problems(f"{path} line {number}", line, names, per_line, known, pattern)
+    return problems
+
+
+def _line_problems(where: str, line: str, names: list[str], per_line: int, known: set[str] | None,
+                   pattern: bool) -> list[str]:
+    """One answer line's faults: blank, spacing, name count, repeats, extensions, unknown names."""
+    if not names:
+        return [f"{where}: is blank; every query needs {per_line} names."]
+    problems = []
+    if "\t" in line:
+        problems.append(f"{where}: contains a tab; separate names with single spaces.")
+    if "  " in line:
+        problems.append(f"{where}: contains a double space; separate names with single spaces.")
+    if line != line.strip():
+        problems.append(f"{where}: has leading or trailing whitespace; remove it.")
+    if "\r" in line:
+        problems.append(f"{where}: contains a stray carriage return; use CRLF only at line ends.")
+    if len(names) != per_line:
+        problems.append(f"{where}: has {len(names)} names; it needs exactly {per_line}.")
+    for name, count in Counter(names).items():
+        if count > 1:
+            problems.append(f"{where}: repeats {name}; each name may appear once per line.")
+    for name in dict.fromkeys(names):
+        stem, dot, ext = name.rpartition(".")
+        if dot and stem:
+            problems.append(f"{where}: {name} has a file extension; write the name without .{ext}.")
+            name = stem
+        if known is not None and name not in known:
+            problems.append(f"{where}: {name} is not a gallery image name.")
+        elif pattern and not CHALLENGE_NAME.fullmatch(name):
+            problems.append(f"{where}: {name} is not a 15-character A-Z/0-9 gallery name.")
     return problems
 
 
