@@ -15,10 +15,17 @@ def _image(path: Path, colour: tuple[int, int, int] = (200, 30, 30)) -> None:
 
 def _record(i: int, abnormal: bool, video: int | None = None) -> dict:
     video = i if video is None else video
-    rec = {"image": f"train/imgs_0/{'wentrong' if abnormal else 'goal'}/{i}.jpg", "caption": f"person {i} walking",
-           "image_id": f"0_{i}", "hard_i": f"train/imgs_0/goal/{(i + 1) % 40}.jpg", "hard_c": "other",
-           "hard_i_id": f"0_{(i + 1) % 40}", "source_id": f"{video}_{1 if abnormal else 0}", "source_caption": "a video",
-           "scene": "street"}
+    rec = {
+        "image": f"train/imgs_0/{'wentrong' if abnormal else 'goal'}/{i}.jpg",
+        "caption": f"person {i} walking",
+        "image_id": f"0_{i}",
+        "hard_i": f"train/imgs_0/goal/{(i + 1) % 40}.jpg",
+        "hard_c": "other",
+        "hard_i_id": f"0_{(i + 1) % 40}",
+        "source_id": f"{video}_{1 if abnormal else 0}",
+        "source_caption": "a video",
+        "scene": "street",
+    }
     rec["anomaly" if abnormal else "normal"] = "lying" if abnormal else "walking"
     return rec
 

@@ -42,13 +42,19 @@ def test_pair_files_take_the_label_from_source_id(tmp_path: Path) -> None:
     assert frame["abnormal"].tolist() == [False, True, False, True]
 
 
-@pytest.mark.parametrize("bad_line, expected", [
-    ("{not json", "line 3: malformed JSON"),
-    (json.dumps({"image": "train/x.jpg", "image_id": "9_9"}), "line 3: missing field(s) caption"),
-    (json.dumps({"image": "train/x.jpg", "image_id": "9_9", "caption": "  "}), "line 3: empty caption"),
-    (json.dumps({"image": "train/x.jpg", "image_id": "0_1", "caption": "dup"}), "line 3: duplicate image_id '0_1'"),
-    (json.dumps({"image": "../../etc/passwd", "image_id": "9_9", "caption": "c"}), "line 3: image path '../../etc/passwd' escapes"),
-])
+@pytest.mark.parametrize(
+    "bad_line, expected",
+    [
+        ("{not json", "line 3: malformed JSON"),
+        (json.dumps({"image": "train/x.jpg", "image_id": "9_9"}), "line 3: missing field(s) caption"),
+        (json.dumps({"image": "train/x.jpg", "image_id": "9_9", "caption": "  "}), "line 3: empty caption"),
+        (json.dumps({"image": "train/x.jpg", "image_id": "0_1", "caption": "dup"}), "line 3: duplicate image_id '0_1'"),
+        (
+            json.dumps({"image": "../../etc/passwd", "image_id": "9_9", "caption": "c"}),
+            "line 3: image path '../../etc/passwd' escapes",
+        ),
+    ],
+)
 def test_bad_records_name_file_and_line(tmp_path: Path, bad_line: str, expected: str) -> None:
     write_train(tmp_path, [_record(0, False), _record(1, True)], raw_lines=[bad_line])
     with pytest.raises(TpasError) as err:
@@ -83,6 +89,7 @@ def test_split_is_seeded_stratified_and_disjoint_by_video(pab: Path) -> None:
     assert val["image_id"].tolist() == val_again["image_id"].tolist()
     assert train["image_id"].tolist() != other["image_id"].tolist()
     assert len(train) == 10 and train["abnormal"].sum() == 5  # stratified: half abnormal like the data
+
     def videos(f):
         return {s.rsplit("_", 1)[0] for s in f["source_id"]}
 
@@ -94,8 +101,10 @@ def test_split_is_seeded_stratified_and_disjoint_by_video(pab: Path) -> None:
 def test_pab_test_split_expands_caption_lists(tmp_path: Path) -> None:
     folder = tmp_path / "annotation" / "test"
     folder.mkdir(parents=True)
-    rows = [{"image": "test/1.jpg", "image_id": "1", "caption": ["a", "b"]},
-            {"image": "test/2.jpg", "image_id": "2", "caption": ["c"]}]
+    rows = [
+        {"image": "test/1.jpg", "image_id": "1", "caption": ["a", "b"]},
+        {"image": "test/2.jpg", "image_id": "2", "caption": ["c"]},
+    ]
     (folder / "pair.json").write_text("\n".join(json.dumps(r) for r in rows))
     test = load_test_set(tmp_path)
     assert test.source == "pab"
@@ -135,8 +144,9 @@ def test_atomic_write_leaves_no_temp_file_and_normal_mode(tmp_path: Path) -> Non
 
 def _challenge(folder: Path, query_ids: list[str], order: list[str]) -> None:
     _image(folder / "gallery" / "AAA.jpg")
-    (folder / "query.json").write_text("".join(json.dumps({"query_index": q, "caption": f"person {q}"}) + "\n"
-                                               for q in query_ids))
+    (folder / "query.json").write_text(
+        "".join(json.dumps({"query_index": q, "caption": f"person {q}"}) + "\n" for q in query_ids)
+    )
     (folder / "query_index.txt").write_text("".join(q + "\r\n" for q in order))
 
 
@@ -154,13 +164,17 @@ def test_gallery_takes_jpg_jpeg_and_png_in_any_case(tmp_path: Path) -> None:
         load_test_set(tmp_path)
 
 
-@pytest.mark.parametrize("query_ids, order, expected", [
-    (["q1", "q2", "q3"], ["q1", "q2"], r"query\.json, line 3: query 'q3' is not in .*query_index\.txt"),
-    (["q1", "q2"], ["q1", "q2", "q1"], r"query_index\.txt, line 3: query 'q1' repeats line 1"),
-    (["q1", "q2", "q1"], ["q1", "q2"], r"query\.json, line 3: query_index 'q1' repeats line 1"),
-])
-def test_query_file_and_query_index_must_list_the_same_ids_once(tmp_path: Path, query_ids: list[str],
-                                                                order: list[str], expected: str) -> None:
+@pytest.mark.parametrize(
+    "query_ids, order, expected",
+    [
+        (["q1", "q2", "q3"], ["q1", "q2"], r"query\.json, line 3: query 'q3' is not in .*query_index\.txt"),
+        (["q1", "q2"], ["q1", "q2", "q1"], r"query_index\.txt, line 3: query 'q1' repeats line 1"),
+        (["q1", "q2", "q1"], ["q1", "q2"], r"query\.json, line 3: query_index 'q1' repeats line 1"),
+    ],
+)
+def test_query_file_and_query_index_must_list_the_same_ids_once(
+    tmp_path: Path, query_ids: list[str], order: list[str], expected: str
+) -> None:
     _challenge(tmp_path, query_ids, order)
     with pytest.raises(TpasError, match=expected):
         load_test_set(tmp_path)
@@ -183,7 +197,9 @@ def test_non_utf8_bytes_name_the_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(TpasError, match=r"query_index\.txt, line 2: not UTF-8"):
         load_test_set(tmp_path)
     (folder / "query_index.txt").write_bytes(b"q1\r\nq2\r\n")
-    (folder / "query.json").write_bytes(b'{"query_index": "q1", "caption": "x"}\n{"query_index": "q2", "caption": "\xff"}\n')
+    (folder / "query.json").write_bytes(
+        b'{"query_index": "q1", "caption": "x"}\n{"query_index": "q2", "caption": "\xff"}\n'
+    )
     with pytest.raises(TpasError, match=r"query\.json, line 2: not UTF-8"):
         load_test_set(tmp_path)
 

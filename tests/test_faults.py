@@ -28,8 +28,13 @@ pytestmark = pytest.mark.slow
 
 
 def _start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def _finish(*args: str) -> float:
@@ -71,10 +76,42 @@ def _no_temps(parent: Path) -> None:
 
 def test_killed_infer_and_sca_leave_the_old_or_the_new_stage(tiny_demo: Path, tmp_path: Path) -> None:
     runs, out, cache = tmp_path / "runs", tmp_path / "out", tmp_path / "cache"
-    _finish("train.py", "--data-root", str(tiny_demo), "--model", "tiny", "--subset", "96", "--val-size", "0",
-            "--batch-size", "16", "--epochs", "1", "--runs-dir", str(runs), "--name", "t", "--no-progress", "--threads", "1")
-    infer = ["infer.py", "--data-root", str(tiny_demo), "--run", str(runs / "t"), "--output-dir", str(out / "infer"),
-             "--cache-dir", str(cache), "--no-progress", "--threads", "1"]
+    _finish(
+        "train.py",
+        "--data-root",
+        str(tiny_demo),
+        "--model",
+        "tiny",
+        "--subset",
+        "96",
+        "--val-size",
+        "0",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "1",
+        "--runs-dir",
+        str(runs),
+        "--name",
+        "t",
+        "--no-progress",
+        "--threads",
+        "1",
+    )
+    infer = [
+        "infer.py",
+        "--data-root",
+        str(tiny_demo),
+        "--run",
+        str(runs / "t"),
+        "--output-dir",
+        str(out / "infer"),
+        "--cache-dir",
+        str(cache),
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     clean = _finish(*infer, "--k", "16")  # the old, complete stage
     sca = ["sca.py", "--input-dir", str(out / "infer"), "--output-dir", str(out / "sca"), "--cache-dir", str(cache)]
     clean_sca = _finish(*sca)
@@ -93,15 +130,44 @@ def test_killed_infer_and_sca_leave_the_old_or_the_new_stage(tiny_demo: Path, tm
 
 
 def test_training_killed_at_random_points_resumes_bit_for_bit(tiny_demo: Path, tmp_path: Path) -> None:
-    base = ["train.py", "--data-root", str(tiny_demo), "--model", "tiny", "--subset", "96", "--val-size", "16",
-            "--batch-size", "16", "--epochs", "2", "--save-every", "2", "--runs-dir", str(tmp_path), "--no-progress",
-            "--threads", "1"]
+    base = [
+        "train.py",
+        "--data-root",
+        str(tiny_demo),
+        "--model",
+        "tiny",
+        "--subset",
+        "96",
+        "--val-size",
+        "16",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "2",
+        "--save-every",
+        "2",
+        "--runs-dir",
+        str(tmp_path),
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     clean = _finish(*base, "--name", "straight")
     straight = load_file(str(tmp_path / "straight" / "model.safetensors"))
     for seed in SEEDS:
         rng = random.Random(seed)
         name = f"killed{seed}"
-        resume = ["train.py", "--resume", "--name", name, "--runs-dir", str(tmp_path), "--no-progress", "--threads", "1"]
+        resume = [
+            "train.py",
+            "--resume",
+            "--name",
+            name,
+            "--runs-dir",
+            str(tmp_path),
+            "--no-progress",
+            "--threads",
+            "1",
+        ]
 
         def again(name: str = name, resume: list[str] = resume) -> list[str]:
             # killed before it wrote config.json (still importing): no run exists, so the first command again

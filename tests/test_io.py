@@ -67,8 +67,9 @@ def test_a_reader_refuses_files_of_two_runs(tmp_path: Path) -> None:
 
 
 def test_temps_left_by_a_killed_process_are_removed_by_the_next_writer(tmp_path: Path) -> None:
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     pid = int(dead.stdout)  # that process has exited
     (tmp_path / f".out.{pid}.part-x1").mkdir()
     (tmp_path / f".out.{pid}.part-x1" / "a.txt").write_text("half")

@@ -23,8 +23,13 @@ def _tiny():
     return model_lib.build_model(cfg).eval(), model_lib.build_tokenizer(cfg), cfg
 
 
-CAPTIONS = ["a man in a red jacket lying on the ground", "a woman waving", "a child running in a park",
-            "two men fighting on the street", "a person in blue jeans is falling down"]
+CAPTIONS = [
+    "a man in a red jacket lying on the ground",
+    "a woman waving",
+    "a child running in a park",
+    "two men fighting on the street",
+    "a person in blue jeans is falling down",
+]
 
 
 @torch.inference_mode()
@@ -36,7 +41,7 @@ def _reference(model, tokenizer, captions, images, k):
         tokens = TextPipeline(tokenizer, max_tokens=70)([caption])
         text_embeds, text_feat = model.encode_text(tokens["input_ids"], tokens["attention_mask"])
         index = (text_feat @ image_feat.T)[0].topk(k).indices
-        scores = [float(model.itm_score(image_embeds[g:g + 1], text_embeds, tokens["attention_mask"])) for g in index]
+        scores = [float(model.itm_score(image_embeds[g : g + 1], text_embeds, tokens["attention_mask"])) for g in index]
         order = np.argsort(-np.array(scores), kind="stable")
         out.append((index.numpy()[order], np.array(scores, dtype=np.float32)[order]))
     return image_feat, image_embeds, out
@@ -47,8 +52,17 @@ def test_batched_ranking_matches_per_query_loop() -> None:
     images = torch.randn(12, 3, *cfg.image_size)
     image_feat, image_embeds, reference = _reference(model, tokenizer, CAPTIONS, images, k=6)
     # itm_batch 8 splits one query's candidates across batches and mixes queries in one batch
-    ranked = rank(model, TextPipeline(tokenizer, max_tokens=70), CAPTIONS, image_feat, image_embeds, k=6,
-                  text_batch=2, itm_batch=8, progress=False)
+    ranked = rank(
+        model,
+        TextPipeline(tokenizer, max_tokens=70),
+        CAPTIONS,
+        image_feat,
+        image_embeds,
+        k=6,
+        text_batch=2,
+        itm_batch=8,
+        progress=False,
+    )
     for q, (index, scores) in enumerate(reference):
         assert ranked["index"][q].tolist() == index.tolist()
         np.testing.assert_allclose(ranked["itm"][q], scores, rtol=1e-4, atol=1e-5)
@@ -62,8 +76,16 @@ def test_itc_only_ranking_is_sorted_similarity() -> None:
         image_embeds, image_feat = model.encode_image(images)
         tokens = TextPipeline(tokenizer, max_tokens=70)(CAPTIONS)
         sims = (model.encode_text(tokens["input_ids"], tokens["attention_mask"])[1] @ image_feat.T).numpy()
-    ranked = rank(model, TextPipeline(tokenizer, max_tokens=70), CAPTIONS, image_feat, image_embeds, k=20, use_itm=False,
-                  progress=False)
+    ranked = rank(
+        model,
+        TextPipeline(tokenizer, max_tokens=70),
+        CAPTIONS,
+        image_feat,
+        image_embeds,
+        k=20,
+        use_itm=False,
+        progress=False,
+    )
     assert ranked["index"].shape == (5, 9)  # k is capped at the gallery size
     assert np.isnan(ranked["itm"]).all()
     np.testing.assert_array_equal(ranked["index"], np.argsort(-sims, axis=1, kind="stable"))
@@ -97,9 +119,12 @@ def test_fast_itm_equals_itm_score_per_pair(layers: int, cache_bytes: int) -> No
     text_embeds, _ = model.encode_text(tokens["input_ids"], mask)
     candidates = torch.randint(0, 7, (len(mask), 5), generator=torch.Generator().manual_seed(0))
     # ffn_rows=16 splits the FFN rows into many blocks
-    fast = FastItmScorer(model, image_embeds, cache_bytes=cache_bytes, ffn_rows=16).scores(text_embeds, mask, candidates)
-    pairs = model.itm_score(image_embeds[candidates.reshape(-1)], text_embeds.repeat_interleave(5, 0),
-                            mask.repeat_interleave(5, 0)).reshape(candidates.shape)
+    fast = FastItmScorer(model, image_embeds, cache_bytes=cache_bytes, ffn_rows=16).scores(
+        text_embeds, mask, candidates
+    )
+    pairs = model.itm_score(
+        image_embeds[candidates.reshape(-1)], text_embeds.repeat_interleave(5, 0), mask.repeat_interleave(5, 0)
+    ).reshape(candidates.shape)
     assert pairs.std() > 0.01  # the scores differ between pairs, so a mix-up would show
     torch.testing.assert_close(fast, pairs, rtol=1e-5, atol=1e-5)
 
@@ -109,15 +134,36 @@ def test_fast_ranking_matches_per_query_loop(layers: int, monkeypatch: pytest.Mo
     model, tokenizer, cfg = _tiny_layers(layers)
     images = torch.randn(12, 3, *cfg.image_size)
     image_feat, image_embeds, reference = _reference(model, tokenizer, CAPTIONS, images, k=6)
-    generic = rank(model, TextPipeline(tokenizer, max_tokens=70), CAPTIONS, image_feat, image_embeds, k=6, itc_weight=0.5,
-                   text_batch=3, itm_batch=12, progress=False, fast_itm=False)
+    generic = rank(
+        model,
+        TextPipeline(tokenizer, max_tokens=70),
+        CAPTIONS,
+        image_feat,
+        image_embeds,
+        k=6,
+        itc_weight=0.5,
+        text_batch=3,
+        itm_batch=12,
+        progress=False,
+        fast_itm=False,
+    )
 
     def refuse(*args, **kwargs):
         raise AssertionError("the fast path must not score pairs with model.itm_score")
 
     monkeypatch.setattr(model, "itm_score", refuse)
-    fast = rank(model, TextPipeline(tokenizer, max_tokens=70), CAPTIONS, image_feat, image_embeds, k=6, itc_weight=0.5,
-                text_batch=3, itm_batch=12, progress=False)
+    fast = rank(
+        model,
+        TextPipeline(tokenizer, max_tokens=70),
+        CAPTIONS,
+        image_feat,
+        image_embeds,
+        k=6,
+        itc_weight=0.5,
+        text_batch=3,
+        itm_batch=12,
+        progress=False,
+    )
     for q, (index, scores) in enumerate(reference):
         # by ITM alone: the reference's order; with ITC added: the generic path's
         by_itm = fast["index"][q][np.argsort(-fast["itm"][q], kind="stable")]
@@ -149,8 +195,16 @@ def test_other_model_families_fall_back_to_itm_score() -> None:
     with torch.inference_mode():
         image_embeds, image_feat = model.encode_image(torch.randn(10, 3, *cfg.image_size))
     ours = rank(model, TextPipeline(tokenizer, max_tokens=70), CAPTIONS, image_feat, image_embeds, k=4, progress=False)
-    theirs = rank(wrapped, TextPipeline(tokenizer, max_tokens=70), CAPTIONS, image_feat, image_embeds, k=4, itm_batch=8,
-                  progress=False)
+    theirs = rank(
+        wrapped,
+        TextPipeline(tokenizer, max_tokens=70),
+        CAPTIONS,
+        image_feat,
+        image_embeds,
+        k=4,
+        itm_batch=8,
+        progress=False,
+    )
     assert wrapped.calls == 3  # 5 queries, 2 per ITM batch
     np.testing.assert_array_equal(ours["index"], theirs["index"])
     np.testing.assert_allclose(ours["itm"], theirs["itm"], rtol=1e-5, atol=1e-5)
@@ -164,10 +218,27 @@ def test_reduced_precision_runs_the_fast_path_under_autocast(precision: str) -> 
         image_embeds, image_feat = model.encode_image(torch.randn(10, 3, *cfg.image_size))
     # k = the whole gallery: the same candidates whatever the precision of the ITC stage
     full = rank(model, TextPipeline(tokenizer, max_tokens=70), CAPTIONS, image_feat, image_embeds, k=10, progress=False)
-    half = rank(model, TextPipeline(tokenizer, max_tokens=70), CAPTIONS, image_feat, image_embeds, k=10, progress=False,
-                precision=precision)
-    generic = rank(model, TextPipeline(tokenizer, max_tokens=70), CAPTIONS, image_feat, image_embeds, k=10, progress=False,
-                   precision=precision, fast_itm=False)
+    half = rank(
+        model,
+        TextPipeline(tokenizer, max_tokens=70),
+        CAPTIONS,
+        image_feat,
+        image_embeds,
+        k=10,
+        progress=False,
+        precision=precision,
+    )
+    generic = rank(
+        model,
+        TextPipeline(tokenizer, max_tokens=70),
+        CAPTIONS,
+        image_feat,
+        image_embeds,
+        k=10,
+        progress=False,
+        precision=precision,
+        fast_itm=False,
+    )
     assert np.isfinite(half["itm"]).all()
 
     def order(r: dict) -> np.ndarray:  # ITM scores in gallery-index order
@@ -216,8 +287,16 @@ def test_rank_with_faiss_ivf_matches_exact_on_a_small_gallery() -> None:
     with torch.inference_mode():
         image_embeds, image_feat = model.encode_image(torch.randn(12, 3, *cfg.image_size))
     exact = rank(model, TextPipeline(tokenizer, max_tokens=70), CAPTIONS, image_feat, image_embeds, k=5, progress=False)
-    approx = rank(model, TextPipeline(tokenizer, max_tokens=70), CAPTIONS, image_feat, image_embeds, k=5, progress=False,
-                  gallery_index="faiss-ivf")  # 12 images: a single list, so the search is exhaustive
+    approx = rank(
+        model,
+        TextPipeline(tokenizer, max_tokens=70),
+        CAPTIONS,
+        image_feat,
+        image_embeds,
+        k=5,
+        progress=False,
+        gallery_index="faiss-ivf",
+    )  # 12 images: a single list, so the search is exhaustive
     np.testing.assert_array_equal(approx["index"], exact["index"])
     np.testing.assert_allclose(approx["score"], exact["score"], rtol=1e-5, atol=1e-5)
 
@@ -233,10 +312,13 @@ def _challenge_with_partial_truth(root) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (16, 32), (20 * i, 255 - 20 * i, 90)).save(path)
     ids = ["q0", "q1", "q2"]
-    (root / "query.json").write_text("".join(json.dumps({"query_index": q, "caption": f"a person number {i}"}) + "\n"
-                                             for i, q in enumerate(ids)))
+    (root / "query.json").write_text(
+        "".join(json.dumps({"query_index": q, "caption": f"a person number {i}"}) + "\n" for i, q in enumerate(ids))
+    )
     (root / "query_index.txt").write_text("\r\n".join(ids) + "\r\n")
-    (root / "query_gt.json").write_text('{"query_index": "q0", "image": "G00"}\n{"query_index": "q2", "image": "G05"}\n')
+    (root / "query_gt.json").write_text(
+        '{"query_index": "q0", "image": "G00"}\n{"query_index": "q2", "image": "G05"}\n'
+    )
 
 
 def test_infer_scores_the_queries_that_have_ground_truth(tmp_path, capsys) -> None:
@@ -245,8 +327,16 @@ def test_infer_scores_the_queries_that_have_ground_truth(tmp_path, capsys) -> No
     from tpas.retrieval import InferConfig, infer
 
     _challenge_with_partial_truth(tmp_path / "challenge")
-    cfg = InferConfig(data_root=tmp_path / "challenge", zero_shot=True, model="tiny", k=10, threads=1,
-                      output_dir=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    cfg = InferConfig(
+        data_root=tmp_path / "challenge",
+        zero_shot=True,
+        model="tiny",
+        k=10,
+        threads=1,
+        output_dir=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
     summary = infer(cfg)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert (metrics["queries_scored"], metrics["queries_total"]) == (2, 3)

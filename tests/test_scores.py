@@ -34,8 +34,10 @@ def test_cmp_rule_equals_cmps_evaluation_on_the_full_matrix():
     ours = scores.combine("cmp", itc, logits, itc_range=(float(sims.min()), float(sims.max())))
     np.testing.assert_allclose(ours, np.take_along_axis(full, top, axis=1), atol=1e-6)
     # every pair CMP fills in ranks below the listed ones, so the top-k order is CMP's full order
-    assert (np.argsort(-full, axis=1, kind="stable")[:, :5] ==
-            np.take_along_axis(top, np.argsort(-ours, axis=1, kind="stable"), axis=1)).all()
+    assert (
+        np.argsort(-full, axis=1, kind="stable")[:, :5]
+        == np.take_along_axis(top, np.argsort(-ours, axis=1, kind="stable"), axis=1)
+    ).all()
     # the range matters: over the listed pairs alone the ITC part is scaled differently
     listed = scores.combine("cmp", itc, logits)
     assert not np.allclose(listed, ours)
@@ -49,8 +51,10 @@ def test_the_other_rules_follow_their_formulas():
     np.testing.assert_allclose(scores.combine("blip", itc, logits), l1 + itc, rtol=1e-6)
     np.testing.assert_allclose(scores.combine("tpas", itc, logits, itc_weight=14.0), l1 - l0 + 14.0 * itc, rtol=1e-6)
     np.testing.assert_allclose(scores.combine("itc", itc, None), itc)
-    orders = {rule: np.argsort(-scores.combine(rule, itc, logits, 14.0), axis=1).tolist()
-              for rule in ("xvlm", "log-odds", "tpas", "itc")}
+    orders = {
+        rule: np.argsort(-scores.combine(rule, itc, logits, 14.0), axis=1).tolist()
+        for rule in ("xvlm", "log-odds", "tpas", "itc")
+    }
     assert len({str(v) for v in orders.values()}) == 4  # four different rankings of the same candidates
 
 

@@ -67,17 +67,20 @@ def test_official_sample_is_valid():
     assert check_answer(SAMPLE, QUERY_INDEX, gallery=gallery) == []
 
 
-@pytest.mark.parametrize("edit,fragments", [
-    (lambda ls: ls.pop(100), ["1977 lines", "1978 queries"]),
-    (on_line(4, lambda line: " ".join(line.split()[:9])), ["line 5", "9 names"]),
-    (on_line(6, repeat_first_name), ["line 7", "repeats"]),
-    (on_line(0, lambda line: line.replace(" ", ".jpg ", 1)), ["line 1", "ZOVZW5GHWX3K7R2.jpg", "extension"]),
-    (on_line(9, lambda line: line.replace(" ", "  ", 1)), ["line 10", "double space"]),
-    (on_line(2, lambda line: line.replace(" ", "\t", 1)), ["line 3", "tab"]),
-    (on_line(3, lambda line: line + " "), ["line 4", "trailing"]),
-    (on_line(11, lambda line: ""), ["line 12", "blank"]),
-    (on_line(1, lambda line: line.replace(line.split()[3], "abc")), ["line 2", "abc", "15-character"]),
-])
+@pytest.mark.parametrize(
+    "edit,fragments",
+    [
+        (lambda ls: ls.pop(100), ["1977 lines", "1978 queries"]),
+        (on_line(4, lambda line: " ".join(line.split()[:9])), ["line 5", "9 names"]),
+        (on_line(6, repeat_first_name), ["line 7", "repeats"]),
+        (on_line(0, lambda line: line.replace(" ", ".jpg ", 1)), ["line 1", "ZOVZW5GHWX3K7R2.jpg", "extension"]),
+        (on_line(9, lambda line: line.replace(" ", "  ", 1)), ["line 10", "double space"]),
+        (on_line(2, lambda line: line.replace(" ", "\t", 1)), ["line 3", "tab"]),
+        (on_line(3, lambda line: line + " "), ["line 4", "trailing"]),
+        (on_line(11, lambda line: ""), ["line 12", "blank"]),
+        (on_line(1, lambda line: line.replace(line.split()[3], "abc")), ["line 2", "abc", "15-character"]),
+    ],
+)
 def test_each_corruption_gives_its_problem(tmp_path, edit, fragments):
     only_problem(check_answer(corrupt(tmp_path, edit), QUERY_INDEX), str(tmp_path / "answer.txt"), *fragments)
 
@@ -145,7 +148,9 @@ def test_write_answer_refuses_short_or_missing_queries(tmp_path):
 
 
 def run_submit(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "submit.py"), *args], cwd=REPO, capture_output=True, text=True, check=False)
+    return subprocess.run(
+        [sys.executable, str(REPO / "submit.py"), *args], cwd=REPO, capture_output=True, text=True, check=False
+    )
 
 
 def test_submit_check_cli_exit_codes(tmp_path):
@@ -154,7 +159,10 @@ def test_submit_check_cli_exit_codes(tmp_path):
     bad = corrupt(tmp_path, on_line(4, lambda line: " ".join(line.split()[:9])))
     failed = run_submit("--check", str(bad), "--query-index", str(QUERY_INDEX))
     assert failed.returncode == 1
-    assert failed.stdout.splitlines()[:2] == [f"{bad} line 5: has 9 names; it needs exactly 10.", f"{bad}: 1 problem(s)"]
+    assert failed.stdout.splitlines()[:2] == [
+        f"{bad} line 5: has 9 names; it needs exactly 10.",
+        f"{bad}: 1 problem(s)",
+    ]
 
 
 def test_submit_error_is_one_line_without_traceback(tmp_path):
@@ -176,26 +184,43 @@ def test_sca_then_submit_stages(tmp_path):
     infer = tmp_path / "infer"
     order = [f"Q{i}" for i in range(12)]
     captions = ["a man in a red jacket lying on the ground"] * 2 + [
-        "woman jogging", "child with a kite", "old man on a bench", "cyclist in traffic", "girl eating ice cream",
-        "worker on a ladder", "boy kicking a ball", "lady holding an umbrella", "guard at a gate", "dog walker"]
+        "woman jogging",
+        "child with a kite",
+        "old man on a bench",
+        "cyclist in traffic",
+        "girl eating ice cream",
+        "worker on a ladder",
+        "boy kicking a ball",
+        "lady holding an umbrella",
+        "guard at a gate",
+        "dog walker",
+    ]
     gallery = [f"G{i:02d}" for i in range(30)]
     gt = ["G00", "G01"] + gallery[2:12]
     rows = []
     for qi, q in enumerate(order):
-        images = [gt[qi]] + [g for g in gallery if g != gt[qi]][qi: qi + 11]
+        images = [gt[qi]] + [g for g in gallery if g != gt[qi]][qi : qi + 11]
         if qi == 1:  # Q1 wrongly prefers Q0's image, less confidently than Q0: SCA should fix it
             images = ["G00", "G01"] + [g for g in gallery if g not in ("G00", "G01")][:10]
         for rank, img in enumerate(images, start=1):
             rows.append((q, rank, img, 0.9 - 0.05 * rank - (0.1 if qi == 1 else 0)))
     q, rank, img, score = (list(c) for c in zip(*rows))
-    write_parquet(infer / "candidates.parquet",
-                  candidates_frame(q, img, np.array(score), np.full(len(q), np.nan), np.array(score), np.array(rank)))
+    write_parquet(
+        infer / "candidates.parquet",
+        candidates_frame(q, img, np.array(score), np.full(len(q), np.nan), np.array(score), np.array(rank)),
+    )
     write_parquet(infer / "queries.parquet", queries_frame(order, captions, gt))
 
     sca_out = tmp_path / "sca"
     summary = run_sca_stage(SCAStageConfig(input_dir=infer, output_dir=sca_out), encoder=WordEncoder())
-    for name in ("candidates.parquet", "queries.parquet", "changes.parquet", "changes.csv", "sca_config.json",
-                 "metrics.json"):
+    for name in (
+        "candidates.parquet",
+        "queries.parquet",
+        "changes.parquet",
+        "changes.csv",
+        "sca_config.json",
+        "metrics.json",
+    ):
         assert (sca_out / name).is_file(), name
     assert summary["groups"] == 1 and summary["queries_changed"] == 1
     assert (summary["conflicts_before"], summary["conflicts_after"]) == (1, 0)
@@ -263,19 +288,33 @@ def _set(frame, row, column, value):
     return frame
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda f: _set(f, 12, "score", np.nan), "query Q0001 has score nan at rank 1; every candidate needs a finite score"),
-    (lambda f: _set(f, 30, "image", f.loc[29, "image"]), "query Q0002 lists image {} more than once"),
-    (lambda f: _set(f, 15, "rank", 5), "query Q0001 has ranks 1, 2, 3, 5, 5, 6, ...; ranks must run 1..k, each once"),
-    (lambda f: f[f["rank"] != 1].reset_index(drop=True), "query Q0000 has ranks 2, 3, 4, 5, 6, 7, ...; ranks must run 1..k"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda f: _set(f, 12, "score", np.nan),
+            "query Q0001 has score nan at rank 1; every candidate needs a finite score",
+        ),
+        (lambda f: _set(f, 30, "image", f.loc[29, "image"]), "query Q0002 lists image {} more than once"),
+        (
+            lambda f: _set(f, 15, "rank", 5),
+            "query Q0001 has ranks 1, 2, 3, 5, 5, 6, ...; ranks must run 1..k, each once",
+        ),
+        (
+            lambda f: f[f["rank"] != 1].reset_index(drop=True),
+            "query Q0000 has ranks 2, 3, 4, 5, 6, 7, ...; ranks must run 1..k",
+        ),
+    ],
+)
 def test_sca_submit_and_ensemble_refuse_bad_candidates(tmp_path, edit, message):
     d = _stage_with(tmp_path, edit)
     frame = pd.read_parquet(d / "candidates.parquet")
     expected = f"{d / 'candidates.parquet'}: " + message.format(frame.loc[29, "image"])
-    runs = [lambda: run_sca_stage(SCAStageConfig(input_dir=d, output_dir=tmp_path / "sca"), encoder=WordEncoder()),
-            lambda: run_submit_stage(SubmitConfig(input_dir=d, output_dir=tmp_path / "sub")),
-            lambda: run_ensemble(EnsembleConfig(input_dir=[d], output_dir=tmp_path / "ens"))]
+    runs = [
+        lambda: run_sca_stage(SCAStageConfig(input_dir=d, output_dir=tmp_path / "sca"), encoder=WordEncoder()),
+        lambda: run_submit_stage(SubmitConfig(input_dir=d, output_dir=tmp_path / "sub")),
+        lambda: run_ensemble(EnsembleConfig(input_dir=[d], output_dir=tmp_path / "ens")),
+    ]
     for run in runs:
         with pytest.raises(TpasError) as err:
             run()

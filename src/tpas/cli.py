@@ -52,13 +52,17 @@ def _option_for(f: dataclasses.Field, tp: Any) -> Callable:
     base, _ = _strip_optional(tp)
     origin = typing.get_origin(base)
     if base is bool:
-        return click.option(f"{_flag(f.name)}/--no-{f.name.replace('_', '-')}", default=default, show_default=True, help=help_text)
+        return click.option(
+            f"{_flag(f.name)}/--no-{f.name.replace('_', '-')}", default=default, show_default=True, help=help_text
+        )
     if origin is tuple:
         inner = typing.get_args(base)
         return click.option(_flag(f.name), type=tuple(inner), default=default, show_default=True, help=help_text)
     if origin is list:
         (inner,) = typing.get_args(base)
-        return click.option(_flag(f.name), type=inner, multiple=True, default=tuple(default or ()), show_default=True, help=help_text)
+        return click.option(
+            _flag(f.name), type=inner, multiple=True, default=tuple(default or ()), show_default=True, help=help_text
+        )
     if choices:
         ptype: Any = click.Choice(choices)
     elif base is Path:
@@ -116,9 +120,14 @@ def config_command(config_cls: type[T], help: str) -> Callable[[Callable[[T], An
         command = callback
         for f in reversed(dataclasses.fields(config_cls)):  # type: ignore[arg-type]
             command = _option_for(f, hints[f.name])(command)
-        command = click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
-                               help="Replay a saved config (a stage's *_config.json, or a run's config.json): its "
-                                    "value for every flag not given on this command line.")(command)
+        command = click.option(
+            "--config",
+            "config_file",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Replay a saved config (a stage's *_config.json, or a run's config.json): its "
+            "value for every flag not given on this command line.",
+        )(command)
         return click.command(help=help, context_settings={"show_default": True})(command)
 
     return decorate
@@ -132,8 +141,10 @@ def replay(path: Path, config_cls: type) -> dict[str, Any]:
     if isinstance(data, dict) and isinstance(data.get("train"), dict) and "train" not in known:
         data = data["train"]
     if not isinstance(data, dict) or not set(data) & set(known):
-        raise TpasError(f"{path}: holds none of this command's settings; pass the *_config.json this command wrote "
-                        f"(or a run's config.json for train.py).")
+        raise TpasError(
+            f"{path}: holds none of this command's settings; pass the *_config.json this command wrote "
+            f"(or a run's config.json for train.py)."
+        )
     hints = typing.get_type_hints(config_cls)
     out = {}
     for name, value in data.items():

@@ -57,8 +57,7 @@ def _decode_line(raw: bytes) -> tuple[str | None, str | None]:
     try:
         return raw.decode("utf-8"), None
     except UnicodeDecodeError as exc:
-        return None, (f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
-                      "save the file as UTF-8")
+        return None, (f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); save the file as UTF-8")
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
@@ -101,8 +100,10 @@ def train_annotation_files(data_root: Path) -> list[Path]:
     folder = data_root / "annotation" / "train"
     files = sorted(folder.glob("attr_*.json"), key=_shard_key) or sorted(folder.glob("pair_*.json"), key=_shard_key)
     if not files:
-        raise TpasError(f"{folder}: no attr_*.json or pair_*.json shards; point --data-root at a PAB release "
-                        f"(or leave it at {DEFAULT_DEMO_ROOT} to build the demo set).")
+        raise TpasError(
+            f"{folder}: no attr_*.json or pair_*.json shards; point --data-root at a PAB release "
+            f"(or leave it at {DEFAULT_DEMO_ROOT} to build the demo set)."
+        )
     return files
 
 
@@ -144,12 +145,19 @@ def load_train_annotations(data_root: str | Path, on_bad: str = "fail") -> tuple
                 abnormal = "anomaly" in record
             else:  # pair files: y of "x_y" is 0 for a normal source caption
                 abnormal = source_id.rsplit("_", 1)[-1] not in ("", "0")
-            rows.append({
-                "image": record["image"], "caption": caption, "image_id": image_id,
-                **{f: (str(record[f]) if record.get(f) is not None else None) for f in OPTIONAL_TRAIN_FIELDS},
-                "action": action, "abnormal": bool(abnormal), "scene": record.get("scene"),
-                "file": path.name, "line": line,
-            })
+            rows.append(
+                {
+                    "image": record["image"],
+                    "caption": caption,
+                    "image_id": image_id,
+                    **{f: (str(record[f]) if record.get(f) is not None else None) for f in OPTIONAL_TRAIN_FIELDS},
+                    "action": action,
+                    "abnormal": bool(abnormal),
+                    "scene": record.get("scene"),
+                    "file": path.name,
+                    "line": line,
+                }
+            )
     _raise_or_collect(problems, on_bad)
     if not rows:
         raise TpasError(f"{root / 'annotation' / 'train'}: no usable training pairs; check the shards.")
@@ -168,22 +176,35 @@ def check_image(path: Path) -> str | None:
     return None
 
 
-def check_images(frame: pd.DataFrame, data_root: Path, columns: tuple[str, ...] = ("image",),
-                 workers: int = 4, progress: bool = True) -> list[Problem]:
+def check_images(
+    frame: pd.DataFrame, data_root: Path, columns: tuple[str, ...] = ("image",), workers: int = 4, progress: bool = True
+) -> list[Problem]:
     """Decode every referenced image once; return one Problem per bad row."""
     root = Path(data_root)
     paths = sorted({p for c in columns if c in frame for p in frame[c].dropna()})
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(tqdm(pool.map(lambda p: check_image(resolve_image(root, p)), paths), total=len(paths),
-                            desc="checking images", disable=not progress, leave=False))
+        results = list(
+            tqdm(
+                pool.map(lambda p: check_image(resolve_image(root, p)), paths),
+                total=len(paths),
+                desc="checking images",
+                disable=not progress,
+                leave=False,
+            )
+        )
     bad = {p: why for p, why in zip(paths, results) if why}
     problems = []
     for row in frame.itertuples(index=False):
         for column in columns:
             value = getattr(row, column, None)
             if value in bad:
-                problems.append(Problem(str(Path(data_root) / "annotation" / "train" / row.file), row.line,
-                                        f"{column} {value}: {bad[value]}"))
+                problems.append(
+                    Problem(
+                        str(Path(data_root) / "annotation" / "train" / row.file),
+                        row.line,
+                        f"{column} {value}: {bad[value]}",
+                    )
+                )
                 break
     return problems
 
@@ -195,7 +216,9 @@ def video_id(source_id: str | None, fallback: str) -> str:
     return fallback
 
 
-def split_train_val(frame: pd.DataFrame, subset: int | None, val_size: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def split_train_val(
+    frame: pd.DataFrame, subset: int | None, val_size: int, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Hold out `val_size` pairs by source video, then draw a stratified subset of the rest.
 
     The validation part depends only on (seed, val_size), so runs with different subset sizes
@@ -223,9 +246,9 @@ def split_train_val(frame: pd.DataFrame, subset: int | None, val_size: int, seed
 class TestSet:
     """Queries (in answer order) and the gallery they rank."""
 
-    queries: pd.DataFrame   # query_index, caption, gt_image (None when unknown)
-    gallery: pd.DataFrame   # image (name without extension), path (absolute)
-    source: str             # "challenge" or "pab"
+    queries: pd.DataFrame  # query_index, caption, gt_image (None when unknown)
+    gallery: pd.DataFrame  # image (name without extension), path (absolute)
+    source: str  # "challenge" or "pab"
     root: Path
 
 
@@ -276,8 +299,10 @@ def gallery_images(gallery_dir: Path) -> list[Path]:
     seen: dict[str, Path] = {}
     for path in paths:
         if path.stem in seen:  # both would answer to one name
-            raise TpasError(f"{gallery_dir}: {seen[path.stem].name} and {path.name} have the same name "
-                            f"{path.stem!r}; keep only one of them.")
+            raise TpasError(
+                f"{gallery_dir}: {seen[path.stem].name} and {path.name} have the same name "
+                f"{path.stem!r}; keep only one of them."
+            )
         seen[path.stem] = path
     return paths
 
@@ -292,8 +317,10 @@ def load_challenge(folder: Path, query_file: str = "query.json") -> TestSet:
             raise TpasError(f"{query_path}, line {line}: empty caption; fix that line.")
         query_index = str(record["query_index"])
         if query_index in queries:
-            raise TpasError(f"{query_path}, line {line}: query_index {query_index!r} repeats line "
-                            f"{query_line[query_index]}; give each query its own id or delete the repeat.")
+            raise TpasError(
+                f"{query_path}, line {line}: query_index {query_index!r} repeats line "
+                f"{query_line[query_index]}; give each query its own id or delete the repeat."
+            )
         queries[query_index], query_line[query_index] = caption, line
     order_file = folder / "query_index.txt"
     if order_file.is_file():
@@ -301,18 +328,24 @@ def load_challenge(folder: Path, query_file: str = "query.json") -> TestSet:
         order_line: dict[str, int] = {}
         for line, query_index in read_lines(order_file):
             if query_index in order_line:  # a repeat would be ranked twice and break sca.py's tables
-                raise TpasError(f"{order_file}, line {line}: query {query_index!r} repeats line "
-                                f"{order_line[query_index]}; use the query_index.txt that came with {query_file}.")
+                raise TpasError(
+                    f"{order_file}, line {line}: query {query_index!r} repeats line "
+                    f"{order_line[query_index]}; use the query_index.txt that came with {query_file}."
+                )
             if query_index not in queries:
-                raise TpasError(f"{order_file}, line {line}: query {query_index!r} is not in {query_file}; "
-                                f"use the query_index.txt that came with it.")
+                raise TpasError(
+                    f"{order_file}, line {line}: query {query_index!r} is not in {query_file}; "
+                    f"use the query_index.txt that came with it."
+                )
             order.append(query_index)
             order_line[query_index] = line
         # A query the answer order leaves out would be ranked but has no line in answer.txt.
         extra = [q for q in queries if q not in order_line]
         if extra:
-            raise TpasError(f"{query_path}, line {query_line[extra[0]]}: query {extra[0]!r} is not in {order_file} "
-                            f"({len(extra)} such); use the query_index.txt that came with {query_file}.")
+            raise TpasError(
+                f"{query_path}, line {query_line[extra[0]]}: query {extra[0]!r} is not in {order_file} "
+                f"({len(extra)} such); use the query_index.txt that came with {query_file}."
+            )
     else:
         order = list(queries)
     gt: dict[str, str] = {}
@@ -320,8 +353,9 @@ def load_challenge(folder: Path, query_file: str = "query.json") -> TestSet:
     if gt_file.is_file():
         gt = {str(r["query_index"]): str(r["image"]) for _, r in _read_jsonl_strict(gt_file, ["query_index", "image"])}
     paths = gallery_images(folder / "gallery")
-    query_frame = pd.DataFrame({"query_index": order, "caption": [queries[q] for q in order],
-                                "gt_image": [gt.get(q) for q in order]})
+    query_frame = pd.DataFrame(
+        {"query_index": order, "caption": [queries[q] for q in order], "gt_image": [gt.get(q) for q in order]}
+    )
     gallery = pd.DataFrame({"image": [p.stem for p in paths], "path": [str(p.resolve()) for p in paths]})
     return TestSet(query_frame, gallery, "challenge", folder)
 
@@ -355,7 +389,9 @@ def load_test_set(data_root: str | Path, source: str = "auto", query_file: str =
     folder = challenge_dir(root)
     if source == "challenge" or (source == "auto" and folder is not None):
         if folder is None:
-            raise TpasError(f"{root}: no query.json here or in {root / 'challenge'}; point --data-root at the challenge test set.")
+            raise TpasError(
+                f"{root}: no query.json here or in {root / 'challenge'}; point --data-root at the challenge test set."
+            )
         return load_challenge(folder, query_file)
     return load_pab_test(root)
 

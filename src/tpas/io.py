@@ -65,7 +65,9 @@ def remove_stale_temps(target: str | Path) -> list[Path]:
         except OSError:
             continue
         if (pid != os.getpid() and not _alive(pid)) or old:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(
+                missing_ok=True
+            )
             removed.append(path)
     return removed
 
@@ -123,8 +125,11 @@ def staged_dir(target: str | Path, outputs: Iterable[str], stage: str) -> Iterat
         yield tmp
         owned = set(outputs) | {MANIFEST_FILE}
         written = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
-        manifest = {"stage": stage, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "files": {name: (tmp / name).stat().st_size for name in written if (tmp / name).is_file()}}
+        manifest = {
+            "stage": stage,
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "files": {name: (tmp / name).stat().st_size for name in written if (tmp / name).is_file()},
+        }
         write_json(tmp / MANIFEST_FILE, manifest)
         if target.is_dir():
             for old in target.iterdir():
@@ -159,11 +164,15 @@ def check_manifest(stage_dir: str | Path) -> dict | None:
     for name, size in manifest.get("files", {}).items():
         file = stage_dir / name
         if not file.is_file():
-            raise TpasError(f"{stage_dir}: {name} is missing from this {manifest.get('stage', '')} stage; re-run the "
-                            f"stage that wrote it.")
+            raise TpasError(
+                f"{stage_dir}: {name} is missing from this {manifest.get('stage', '')} stage; re-run the "
+                f"stage that wrote it."
+            )
         if file.stat().st_size != size:
-            raise TpasError(f"{stage_dir}: {name} is not the file this {manifest.get('stage', '')} stage wrote (it was "
-                            f"replaced since); re-run the stage rather than mixing files of different runs.")
+            raise TpasError(
+                f"{stage_dir}: {name} is not the file this {manifest.get('stage', '')} stage wrote (it was "
+                f"replaced since); re-run the stage rather than mixing files of different runs."
+            )
     return manifest
 
 
@@ -199,7 +208,9 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise TpasError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); fix or regenerate the file.") from None
+        raise TpasError(
+            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); fix or regenerate the file."
+        ) from None
 
 
 def write_jsonl(target: str | Path, records: list[dict]) -> None:

@@ -50,8 +50,9 @@ def _summarise_matrix(ranks: np.ndarray, num_rel: np.ndarray, ks: Sequence[int])
     return out
 
 
-def ranking_metrics(candidates: pd.DataFrame, gt: Mapping[str, str | Collection[str]],
-                    ks: Sequence[int] = (1, 5, 10)) -> Metrics:
+def ranking_metrics(
+    candidates: pd.DataFrame, gt: Mapping[str, str | Collection[str]], ks: Sequence[int] = (1, 5, 10)
+) -> Metrics:
     """R@k, mAP and mINP of a candidates table against `gt` (query_index → true image(s)).
 
     Every query in `gt` is scored; one absent from `candidates`, or whose true image is not in
@@ -104,8 +105,12 @@ def array_metrics(img: np.ndarray, gt_codes: np.ndarray, ks: Sequence[int] = (1,
     return out
 
 
-def matrix_metrics(scores: np.ndarray, gt_index: Sequence[int | Sequence[int]],
-                   ks: Sequence[int] = (1, 5, 10), chunk_elements: int = 1 << 25) -> Metrics:
+def matrix_metrics(
+    scores: np.ndarray,
+    gt_index: Sequence[int | Sequence[int]],
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_elements: int = 1 << 25,
+) -> Metrics:
     """Exact metrics from a [Q, G] score matrix (higher = better) and each query's true column(s).
 
     Ties are broken pessimistically: a wrong image with the same score as a true image is

@@ -45,36 +45,68 @@ from tpas.schema import (
 
 @dataclass
 class InferConfig:
-    data_root: Path = field(Path("data/demo"), "Data root: a challenge folder (query.json, gallery/) or a PAB release (annotation/test/pair.json).")
-    source: str = field("auto", "Which test set to read: a challenge folder if one exists, else PAB's test split.", choices=["auto", "challenge", "pab"])
-    query_file: str = field("query.json", "Query file inside the challenge folder (e.g. query_heldout.json on the demo set).")
+    data_root: Path = field(
+        Path("data/demo"),
+        "Data root: a challenge folder (query.json, gallery/) or a PAB release (annotation/test/pair.json).",
+    )
+    source: str = field(
+        "auto",
+        "Which test set to read: a challenge folder if one exists, else PAB's test split.",
+        choices=["auto", "challenge", "pab"],
+    )
+    query_file: str = field(
+        "query.json", "Query file inside the challenge folder (e.g. query_heldout.json on the demo set)."
+    )
     run: Path = field(Path("runs/demo"), "Trained run directory (config.json + model.safetensors).")
-    zero_shot: bool = field(False, "Use the pretrained-only model instead of --run (backbones pretrained; ITC/ITM heads untrained).")
-    model: str = field("lite", "Model preset for --zero-shot (a trained run uses its own).", choices=list(model_lib.PRESETS))
-    hf_model: str | None = field(None, "--zero-shot with blip-itm / clip: a local transformers model dir "
-                                       "(default: the preset's hub name, which loads only from the HF cache or online).")
+    zero_shot: bool = field(
+        False, "Use the pretrained-only model instead of --run (backbones pretrained; ITC/ITM heads untrained)."
+    )
+    model: str = field(
+        "lite", "Model preset for --zero-shot (a trained run uses its own).", choices=list(model_lib.PRESETS)
+    )
+    hf_model: str | None = field(
+        None,
+        "--zero-shot with blip-itm / clip: a local transformers model dir "
+        "(default: the preset's hub name, which loads only from the HF cache or online).",
+    )
     output_dir: Path = field(Path("outputs/infer"), "Where the candidates and metrics are written.")
     k: int = field(128, "Candidates per query kept from ITC and re-ranked by ITM.")
     itm: bool = field(True, "Re-rank the top-k with the ITM head (off: rank by ITC alone).")
-    score: str | None = field(None, "How ITC and ITM combine into the ranking score (tpas.scores; l1/l0 = ITM match/no-match "
-                                    "logit): xvlm = l1 (X-VLM Retrieval.py), cmp = minmax(l1) + 0.002 minmax(ITC) (CMP eval.py), "
-                                    "blip = l1 + ITC (BLIP train_retrieval.py), log-odds = l1 - l0, tpas = l1 - l0 + "
-                                    "--itc-weight x ITC, itc = ITC alone. Default: the preset's (xvlm for xvlm-*, blip for "
-                                    "blip-itm, tpas for lite/tiny: best on the demo validation set; itc for clip). metrics.json "
-                                    "scores every rule.", choices=list(scores_lib.SCORE_RULES))
-    itc_weight: float | None = field(None, "--score tpas: the weight w of the ITC similarity; default 1/temperature, "
-                                           "i.e. ITM log-odds + ITC logit.")
+    score: str | None = field(
+        None,
+        "How ITC and ITM combine into the ranking score (tpas.scores; l1/l0 = ITM match/no-match "
+        "logit): xvlm = l1 (X-VLM Retrieval.py), cmp = minmax(l1) + 0.002 minmax(ITC) (CMP eval.py), "
+        "blip = l1 + ITC (BLIP train_retrieval.py), log-odds = l1 - l0, tpas = l1 - l0 + "
+        "--itc-weight x ITC, itc = ITC alone. Default: the preset's (xvlm for xvlm-*, blip for "
+        "blip-itm, tpas for lite/tiny: best on the demo validation set; itc for clip). metrics.json "
+        "scores every rule.",
+        choices=list(scores_lib.SCORE_RULES),
+    )
+    itc_weight: float | None = field(
+        None, "--score tpas: the weight w of the ITC similarity; default 1/temperature, i.e. ITM log-odds + ITC logit."
+    )
     image_batch: int = field(64, "Images per encoder batch.")
     text_batch: int = field(128, "Captions per encoder batch.")
     itm_batch: int = field(512, "Query-candidate pairs per ITM batch (whole queries: at least one query's k).")
-    fast_itm: bool = field(True, "Exact fast ITM for tpas models: caption-only work once per query, image keys/values "
-                                 "once per image, the last fusion layer for CLS only (off: model.itm_score per pair).")
+    fast_itm: bool = field(
+        True,
+        "Exact fast ITM for tpas models: caption-only work once per query, image keys/values "
+        "once per image, the last fusion layer for CLS only (off: model.itm_score per pair).",
+    )
     device: str = field("auto", "Where to run: auto = cuda when available, else cpu.", choices=["auto", "cpu", "cuda"])
-    precision: str = field("auto", "Autocast precision: auto = fp16 on cuda, fp32 on cpu (bf16 also runs on a cpu, "
-                           "slowly unless it has bf16 units).", choices=["auto", "fp32", "fp16", "bf16"])
-    gallery_index: str = field("exact", "ITC top-k search: exact (every similarity), or faiss-ivf (approximate FAISS "
-                               "inverted-file index on the CPU, for galleries of millions; see python -m tpas.bench "
-                               "gallery).", choices=["exact", "faiss-ivf"])
+    precision: str = field(
+        "auto",
+        "Autocast precision: auto = fp16 on cuda, fp32 on cpu (bf16 also runs on a cpu, "
+        "slowly unless it has bf16 units).",
+        choices=["auto", "fp32", "fp16", "bf16"],
+    )
+    gallery_index: str = field(
+        "exact",
+        "ITC top-k search: exact (every similarity), or faiss-ivf (approximate FAISS "
+        "inverted-file index on the CPU, for galleries of millions; see python -m tpas.bench "
+        "gallery).",
+        choices=["exact", "faiss-ivf"],
+    )
     nprobe: int = field(32, "faiss-ivf: inverted lists searched per query (more: slower, closer to exact).")
     cache_dir: Path = field(Path("outputs/cache"), "Gallery feature cache (keyed by model weights and gallery files).")
     seed: int = field(0, "Seed (initialises the untrained heads of --zero-shot).")
@@ -83,6 +115,8 @@ class InferConfig:
 
 
 INFER_OUTPUTS = (CANDIDATES_FILE, QUERIES_FILE, "gallery.parquet", "infer_config.json", "metrics.json")
+
+
 class IvfGallery:
     """Approximate ITC top-k with a FAISS inverted-file index (inner product) over unit gallery features.
 
@@ -96,7 +130,7 @@ class IvfGallery:
 
         feats = np.ascontiguousarray(image_feat.detach().float().cpu().numpy())
         count, dim = feats.shape
-        self.nlist = nlist or max(1, min(int(4 * count ** 0.5), count // 39))
+        self.nlist = nlist or max(1, min(int(4 * count**0.5), count // 39))
         self._quantizer = faiss.IndexFlatIP(dim)  # the index keeps a pointer to it: keep it alive
         self.index = faiss.IndexIVFFlat(self._quantizer, dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
         sample = feats
@@ -135,14 +169,20 @@ def _file_digest(path: Path) -> str:
 
 
 @torch.inference_mode()
-def encode_gallery(model: model_lib.RetrievalModel, paths: list[str], transform: Any, batch_size: int,
-                   progress: bool = True, device: torch.device | str = "cpu",
-                   precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+def encode_gallery(
+    model: model_lib.RetrievalModel,
+    paths: list[str],
+    transform: Any,
+    batch_size: int,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(image_feat [G, E], image_embeds [G, N, D]) for every gallery image, float32 on the CPU."""
     device = torch.device(device)
     feats, embeds = [], []
     for start in tqdm(range(0, len(paths), batch_size), desc="gallery", disable=not progress, leave=False):
-        batch = torch.stack([transform(load_rgb(p)) for p in paths[start:start + batch_size]]).to(device)
+        batch = torch.stack([transform(load_rgb(p)) for p in paths[start : start + batch_size]]).to(device)
         with autocast(device, precision):
             image_embeds, image_feat = model.encode_image(batch)
         feats.append(image_feat.float().cpu())
@@ -150,9 +190,15 @@ def encode_gallery(model: model_lib.RetrievalModel, paths: list[str], transform:
     return torch.cat(feats), torch.cat(embeds)
 
 
-def cached_gallery(model: model_lib.RetrievalModel, paths: list[str], transform: Any, cfg: InferConfig,
-                   model_key: str, device: torch.device | str = "cpu",
-                   precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor, bool]:
+def cached_gallery(
+    model: model_lib.RetrievalModel,
+    paths: list[str],
+    transform: Any,
+    cfg: InferConfig,
+    model_key: str,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Gallery features from the cache, or encoded and cached (CPU float32 tensors; bool = cache hit)."""
     # fp32 keeps the key it always had, so existing caches stay valid; fp16/bf16 features differ
     key = model_key if precision == "fp32" else f"{model_key}:{precision}"
@@ -171,10 +217,24 @@ def cached_gallery(model: model_lib.RetrievalModel, paths: list[str], transform:
 
 
 @torch.inference_mode()
-def rank(model: model_lib.RetrievalModel, text: TextPipeline, captions: list[str], image_feat: torch.Tensor,
-         image_embeds: torch.Tensor, k: int, use_itm: bool = True, score_rule: str = "tpas", itc_weight: float = 0.0,
-         text_batch: int = 128, itm_batch: int = 512, progress: bool = True, fast_itm: bool = True,
-         precision: str = "fp32", gallery_index: str = "exact", nprobe: int = 32) -> dict[str, Any]:
+def rank(
+    model: model_lib.RetrievalModel,
+    text: TextPipeline,
+    captions: list[str],
+    image_feat: torch.Tensor,
+    image_embeds: torch.Tensor,
+    k: int,
+    use_itm: bool = True,
+    score_rule: str = "tpas",
+    itc_weight: float = 0.0,
+    text_batch: int = 128,
+    itm_batch: int = 512,
+    progress: bool = True,
+    fast_itm: bool = True,
+    precision: str = "fp32",
+    gallery_index: str = "exact",
+    nprobe: int = 32,
+) -> dict[str, Any]:
     """Top-k gallery indices per query by ITC, re-scored by ITM under `score_rule` (tpas.scores).
 
     Runs where image_feat / image_embeds are (the model must be there too), under autocast for
@@ -205,7 +265,7 @@ def rank(model: model_lib.RetrievalModel, text: TextPipeline, captions: list[str
         scorer = model.itm_scorer(image_embeds) if use_itm and fast_itm else None
         bar = tqdm(total=n, desc="ranking", disable=not progress, leave=False)
         for start in range(0, n, text_batch):
-            rows = order[start:start + text_batch]
+            rows = order[start : start + text_batch]
             tokens = text([captions[i] for i in rows])
             input_ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
             text_embeds, text_feat = model.encode_text(input_ids, mask)
@@ -221,13 +281,20 @@ def rank(model: model_lib.RetrievalModel, text: TextPipeline, captions: list[str
                 scores = []
                 for s in range(0, len(rows), per_itm):
                     # cut the padding all of these captions share (lengths are sorted: nearly all of it)
-                    length = int(mask[s:s + per_itm].sum(1).max())
-                    state, state_mask, cand = text_embeds[s:s + per_itm, :length], mask[s:s + per_itm, :length], index[s:s + per_itm]
+                    length = int(mask[s : s + per_itm].sum(1).max())
+                    state, state_mask, cand = (
+                        text_embeds[s : s + per_itm, :length],
+                        mask[s : s + per_itm, :length],
+                        index[s : s + per_itm],
+                    )
                     if scorer is not None:
                         scores.append(scorer.logits(state, state_mask, cand).float())
                     else:
-                        pairs = model.itm_logits(image_embeds[cand.reshape(-1)], state.repeat_interleave(k, 0),
-                                                 state_mask.repeat_interleave(k, 0))
+                        pairs = model.itm_logits(
+                            image_embeds[cand.reshape(-1)],
+                            state.repeat_interleave(k, 0),
+                            state_mask.repeat_interleave(k, 0),
+                        )
                         scores.append(pairs.float().reshape(len(cand), k, 2))
                 top_logits[rows] = torch.cat(scores).cpu().numpy()
             bar.update(len(rows))
@@ -237,10 +304,14 @@ def rank(model: model_lib.RetrievalModel, text: TextPipeline, captions: list[str
     logits = top_logits if use_itm else None
     score = scores_lib.combine(score_rule if use_itm else "itc", top_itc, logits, itc_weight, (itc_low, itc_high))
     best = np.argsort(-score, axis=1, kind="stable")
-    out: dict[str, Any] = {name: np.take_along_axis(a, best, axis=1)
-                           for name, a in (("index", top_index), ("itc", top_itc), ("score", score))}
+    out: dict[str, Any] = {
+        name: np.take_along_axis(a, best, axis=1)
+        for name, a in (("index", top_index), ("itc", top_itc), ("score", score))
+    }
     out["itm_logits"] = np.take_along_axis(top_logits, best[..., None], axis=1) if use_itm else None
-    out["itm"] = (out["itm_logits"][..., 1] - out["itm_logits"][..., 0]) if use_itm else np.full((n, k), np.nan, np.float32)
+    out["itm"] = (
+        (out["itm_logits"][..., 1] - out["itm_logits"][..., 0]) if use_itm else np.full((n, k), np.nan, np.float32)
+    )
     out["itc_range"] = (itc_low, itc_high)
     out["fast_itm"] = scorer is not None
     return out
@@ -251,7 +322,11 @@ def _load_model(cfg: InferConfig) -> tuple[model_lib.RetrievalModel, model_lib.M
         torch.manual_seed(cfg.seed)
         overrides = {"hf_model": cfg.hf_model} if cfg.hf_model else {}
         model_cfg = model_lib.ModelConfig.from_preset(cfg.model, **overrides)
-        return model_lib.build_model(model_cfg).eval(), model_cfg, f"zero-shot:{cfg.seed}:{dataclasses.asdict(model_cfg)}"
+        return (
+            model_lib.build_model(model_cfg).eval(),
+            model_cfg,
+            f"zero-shot:{cfg.seed}:{dataclasses.asdict(model_cfg)}",
+        )
     run = Path(cfg.run)
     if not (run / "config.json").is_file():
         raise TpasError(f"{run}: no trained run here; run `python train.py` first, pass --run, or use --zero-shot.")
@@ -265,10 +340,14 @@ def to_frames(test: TestSet, ranked: dict[str, np.ndarray]) -> tuple[pd.DataFram
     candidates = candidates_frame(
         query_index=np.repeat(test.queries["query_index"].to_numpy(), k).tolist(),
         image=names[ranked["index"].reshape(-1)].tolist(),
-        itc=ranked["itc"].reshape(-1), itm=ranked["itm"].reshape(-1), score=ranked["score"].reshape(-1),
-        rank=np.tile(np.arange(1, k + 1), q))
-    queries = queries_frame(test.queries["query_index"].tolist(), test.queries["caption"].tolist(),
-                            test.queries["gt_image"].tolist())
+        itc=ranked["itc"].reshape(-1),
+        itm=ranked["itm"].reshape(-1),
+        score=ranked["score"].reshape(-1),
+        rank=np.tile(np.arange(1, k + 1), q),
+    )
+    queries = queries_frame(
+        test.queries["query_index"].tolist(), test.queries["caption"].tolist(), test.queries["gt_image"].tolist()
+    )
     return candidates, queries
 
 
@@ -304,27 +383,53 @@ def infer(cfg: InferConfig) -> dict:
     text.check(captions, [f"query {q}" for q in test.queries["query_index"]], f"{test.root} ({test.source} queries)")
     transform = model_lib.image_transform(model_cfg, train=False)
     use_itm = uses_itm(cfg, model, model_cfg)
-    image_feat, image_embeds, from_cache = cached_gallery(model, test.gallery["path"].tolist(), transform, cfg, model_key,
-                                                          device, precision)
+    image_feat, image_embeds, from_cache = cached_gallery(
+        model, test.gallery["path"].tolist(), transform, cfg, model_key, device, precision
+    )
     image_feat, image_embeds = image_feat.to(device), image_embeds.to(device)
     # Both heads give logits: the ITC one is similarity / temperature, so by default they add up.
     itc_weight = cfg.itc_weight if cfg.itc_weight is not None else 1.0 / float(model.temp.detach())
     rule = resolve_score_rule(cfg, model_cfg, use_itm)
-    ranked = rank(model, text, captions, image_feat, image_embeds, cfg.k, use_itm, rule, itc_weight,
-                  cfg.text_batch, cfg.itm_batch, cfg.progress, cfg.fast_itm, precision, cfg.gallery_index, cfg.nprobe)
+    ranked = rank(
+        model,
+        text,
+        captions,
+        image_feat,
+        image_embeds,
+        cfg.k,
+        use_itm,
+        rule,
+        itc_weight,
+        cfg.text_batch,
+        cfg.itm_batch,
+        cfg.progress,
+        cfg.fast_itm,
+        precision,
+        cfg.gallery_index,
+        cfg.nprobe,
+    )
     broken = ~np.isfinite(ranked["score"]).all(axis=1)
     if broken.any():
         first = test.queries["query_index"].iloc[int(np.flatnonzero(broken)[0])]
-        raise TpasError(f"{'the --zero-shot model' if cfg.zero_shot else cfg.run}: the model scored {int(broken.sum())} of "
-                        f"{len(broken)} queries with NaN or infinity (first: query {first}); its weights are damaged or "
-                        f"diverged: restore them or re-train.")
+        raise TpasError(
+            f"{'the --zero-shot model' if cfg.zero_shot else cfg.run}: the model scored {int(broken.sum())} of "
+            f"{len(broken)} queries with NaN or infinity (first: query {first}); its weights are damaged or "
+            f"diverged: restore them or re-train."
+        )
     candidates, queries = to_frames(test, ranked)
-    summary: dict[str, Any] = {"queries": len(queries), "gallery": len(test.gallery), "k": int(ranked["index"].shape[1]),
-                               "source": test.source, "gallery_cache_hit": from_cache,
-                               "device": str(device), "precision": precision,
-                               "fast_itm": ranked["fast_itm"],
-                               "score": rule, "itc_weight": itc_weight if use_itm else None,
-                               "text": text.describe()}
+    summary: dict[str, Any] = {
+        "queries": len(queries),
+        "gallery": len(test.gallery),
+        "k": int(ranked["index"].shape[1]),
+        "source": test.source,
+        "gallery_cache_hit": from_cache,
+        "device": str(device),
+        "precision": precision,
+        "fast_itm": ranked["fast_itm"],
+        "score": rule,
+        "itc_weight": itc_weight if use_itm else None,
+        "text": text.describe(),
+    }
     gt = ground_truth(queries)  # as sca.py and submit.py: score the queries that have ground truth
     if gt is not None:
         by_rule = score_rule_metrics(test, ranked, gt, itc_weight, use_itm)
@@ -336,8 +441,16 @@ def infer(cfg: InferConfig) -> dict:
         write_parquet(out / "gallery.parquet", test.gallery)
         write_json(out / "infer_config.json", cfg)
         if "metrics" in summary:
-            write_json(out / "metrics.json", {**summary["metrics"], "score": rule, "itc_weight": summary["itc_weight"],
-                                              "queries_scored": len(gt), "queries_total": len(queries)})
+            write_json(
+                out / "metrics.json",
+                {
+                    **summary["metrics"],
+                    "score": rule,
+                    "itc_weight": summary["itc_weight"],
+                    "queries_scored": len(gt),
+                    "queries_total": len(queries),
+                },
+            )
     summary["seconds"] = round(time.time() - started, 1)
     if "metrics" in summary:
         if len(gt) < len(queries):
@@ -357,14 +470,18 @@ def resolve_score_rule(cfg: InferConfig, model_cfg: model_lib.ModelConfig, use_i
     return cfg.score or model_cfg.score_rule
 
 
-def score_rule_metrics(test: TestSet, ranked: dict[str, Any], gt: dict[str, str], itc_weight: float,
-                       use_itm: bool) -> dict[str, dict]:
+def score_rule_metrics(
+    test: TestSet, ranked: dict[str, Any], gt: dict[str, str], itc_weight: float, use_itm: bool
+) -> dict[str, dict]:
     """R@k etc. of the same candidates under every score rule (the ranking written is --score's)."""
     out = {}
     for rule in scores_lib.rules_for(use_itm):
         score = scores_lib.combine(rule, ranked["itc"], ranked["itm_logits"], itc_weight, ranked["itc_range"])
         order = np.argsort(-score, axis=1, kind="stable")
-        rescored = {**ranked, **{name: np.take_along_axis(ranked[name], order, axis=1) for name in ("index", "itc", "itm")},
-                    "score": np.take_along_axis(score, order, axis=1)}
+        rescored = {
+            **ranked,
+            **{name: np.take_along_axis(ranked[name], order, axis=1) for name in ("index", "itc", "itm")},
+            "score": np.take_along_axis(score, order, axis=1),
+        }
         out[rule] = ranking_metrics(to_frames(test, rescored)[0], gt)
     return out

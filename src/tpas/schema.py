@@ -32,27 +32,32 @@ QUERIES_FILE = "queries.parquet"
 READ_HINT = "run `python infer.py` first (or point --input-dir at its output)"
 
 
-def candidates_frame(query_index: list[str], image: list[str], itc: np.ndarray, itm: np.ndarray,
-                     score: np.ndarray, rank: np.ndarray) -> pd.DataFrame:
+def candidates_frame(
+    query_index: list[str], image: list[str], itc: np.ndarray, itm: np.ndarray, score: np.ndarray, rank: np.ndarray
+) -> pd.DataFrame:
     """Build a candidates table with the canonical column order and dtypes."""
-    return pd.DataFrame({
-        "query_index": pd.Series(query_index, dtype="string"),
-        "rank": np.asarray(rank, dtype=np.int32),
-        "image": pd.Series(image, dtype="string"),
-        "itc": np.asarray(itc, dtype=np.float32),
-        "itm": np.asarray(itm, dtype=np.float32),
-        "score": np.asarray(score, dtype=np.float32),
-    })
+    return pd.DataFrame(
+        {
+            "query_index": pd.Series(query_index, dtype="string"),
+            "rank": np.asarray(rank, dtype=np.int32),
+            "image": pd.Series(image, dtype="string"),
+            "itc": np.asarray(itc, dtype=np.float32),
+            "itm": np.asarray(itm, dtype=np.float32),
+            "score": np.asarray(score, dtype=np.float32),
+        }
+    )
 
 
 def queries_frame(query_index: list[str], caption: list[str], gt_image: list[str | None] | None = None) -> pd.DataFrame:
     n = len(query_index)
-    return pd.DataFrame({
-        "query_index": pd.Series(query_index, dtype="string"),
-        "position": np.arange(n, dtype=np.int32),
-        "caption": pd.Series(caption, dtype="string"),
-        "gt_image": pd.Series(gt_image if gt_image is not None else [None] * n, dtype="string"),
-    })
+    return pd.DataFrame(
+        {
+            "query_index": pd.Series(query_index, dtype="string"),
+            "position": np.arange(n, dtype=np.int32),
+            "caption": pd.Series(caption, dtype="string"),
+            "gt_image": pd.Series(gt_image if gt_image is not None else [None] * n, dtype="string"),
+        }
+    )
 
 
 def check_candidates(frame: pd.DataFrame, path: str | Path) -> None:
@@ -74,8 +79,10 @@ def check_candidates(frame: pd.DataFrame, path: str | Path) -> None:
     bad = np.flatnonzero(~np.isfinite(score))
     if len(bad):
         i = int(bad[0])
-        raise TpasError(f"{path}: query {queries[q[i]]} has score {score[i]} at rank {rank[i]:g}; "
-                        f"every candidate needs a finite score: {fix}.")
+        raise TpasError(
+            f"{path}: query {queries[q[i]]} has score {score[i]} at rank {rank[i]:g}; "
+            f"every candidate needs a finite score: {fix}."
+        )
     repeated = pd.Series(q.astype(np.int64) * len(images) + img).duplicated().to_numpy()
     if repeated.any():
         i = int(np.flatnonzero(repeated)[0])
@@ -90,8 +97,9 @@ def check_candidates(frame: pd.DataFrame, path: str | Path) -> None:
         code = int(q[order][wrong].min())  # the query that appears first in the file
         ranks = np.sort(rank[q == code])
         shown = ", ".join(f"{r:g}" for r in ranks[:6]) + (", ..." if len(ranks) > 6 else "")
-        raise TpasError(f"{path}: query {queries[code]} has ranks {shown}; ranks must run 1..k, each once, "
-                        f"within a query: {fix}.")
+        raise TpasError(
+            f"{path}: query {queries[code]} has ranks {shown}; ranks must run 1..k, each once, within a query: {fix}."
+        )
 
 
 def read_candidates(stage_dir: str | Path, categorical: bool = False, hint: str = READ_HINT) -> pd.DataFrame:

@@ -29,9 +29,16 @@ from tpas.errors import TpasError
 from tpas.models.config import PRESETS
 
 SCORE_RULES = ("xvlm", "cmp", "blip", "log-odds", "tpas", "itc")
-FORMULAS = {"xvlm": "l1", "cmp": "minmax(l1) + 0.002 minmax(ITC)", "blip": "l1 + ITC", "log-odds": "l1 - l0",
-            "tpas": "l1 - l0 + ITC / temp", "itc": "ITC"}
+FORMULAS = {
+    "xvlm": "l1",
+    "cmp": "minmax(l1) + 0.002 minmax(ITC)",
+    "blip": "l1 + ITC",
+    "log-odds": "l1 - l0",
+    "tpas": "l1 - l0 + ITC / temp",
+    "itc": "ITC",
+}
 CMP_ITC_WEIGHT = 0.002  # CMP eval.py: ITM + 0.002 * ITC, both min-max normalised
+
 
 def default_rule(preset: str) -> str:
     """The rule a preset ranks by unless --score says otherwise (its score_rule in the presets table)."""
@@ -43,8 +50,13 @@ def _minmax(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return (values - low) / span if span > 0 else np.zeros_like(values)
 
 
-def combine(rule: str, itc: np.ndarray, itm_logits: np.ndarray | None, itc_weight: float = 1.0,
-            itc_range: tuple[float, float] | None = None) -> np.ndarray:
+def combine(
+    rule: str,
+    itc: np.ndarray,
+    itm_logits: np.ndarray | None,
+    itc_weight: float = 1.0,
+    itc_range: tuple[float, float] | None = None,
+) -> np.ndarray:
     """The score of each listed pair under `rule`.
 
     itc [Q, k] cosine similarities; itm_logits [Q, k, 2] (no match, match) or None without ITM;

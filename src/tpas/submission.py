@@ -59,12 +59,16 @@ def _answer_lists(candidates: pd.DataFrame, query_order: list[str], path: Path, 
     lists = frame.groupby("query_index", sort=False)["image"].agg(lambda s: s.tolist()[:per_line]).to_dict()
     missing = [q for q in query_order if q not in lists]
     if missing:
-        raise TpasError(f"{path}: {len(missing)} query id(s) (e.g. {missing[0]}) have no candidates; "
-                        "run inference on the same query set as the query order.")
+        raise TpasError(
+            f"{path}: {len(missing)} query id(s) (e.g. {missing[0]}) have no candidates; "
+            "run inference on the same query set as the query order."
+        )
     short = [q for q in query_order if len(lists[q]) < per_line]
     if short:
-        raise TpasError(f"{path}: query {short[0]} has only {len(lists[short[0]])} distinct candidates "
-                        f"({len(short)} queries short of {per_line}); re-run inference with top-k ≥ {per_line}.")
+        raise TpasError(
+            f"{path}: query {short[0]} has only {len(lists[short[0]])} distinct candidates "
+            f"({len(short)} queries short of {per_line}); re-run inference with top-k ≥ {per_line}."
+        )
     return [lists[q] for q in query_order]
 
 
@@ -80,8 +84,9 @@ def zip_answer(answer_path: Path, zip_path: Path) -> None:
         zf.write(answer_path, arcname=ANSWER_FILE)
 
 
-def check_answer(path: Path, query_index: Path | list[str] | None = None, gallery: set[str] | None = None,
-                 per_line: int = 10) -> list[str]:
+def check_answer(
+    path: Path, query_index: Path | list[str] | None = None, gallery: set[str] | None = None, per_line: int = 10
+) -> list[str]:
     """Problems with an answer file, one sentence each naming file and line; empty list = valid.
 
     `query_index` (file or ids) fixes the expected line count; `gallery` (names, with or without
@@ -120,8 +125,10 @@ def check_answer(path: Path, query_index: Path | list[str] | None = None, galler
     if query_index is not None:
         expected = len(read_query_index(query_index) if isinstance(query_index, (str, Path)) else query_index)
         if len(lines) != expected:
-            problems.append(f"{path}: has {len(lines)} lines but the query index has {expected} queries; "
-                            "write one line per query, in query_index.txt order.")
+            problems.append(
+                f"{path}: has {len(lines)} lines but the query index has {expected} queries; "
+                "write one line per query, in query_index.txt order."
+            )
 
     names_by_line = [line.split() for line in lines]
     all_names = [n for names in names_by_line for n in names]
@@ -139,8 +146,9 @@ def check_answer(path: Path, query_index: Path | list[str] | None = None, galler
     return problems
 
 
-def _line_problems(where: str, line: str, names: list[str], per_line: int, known: set[str] | None,
-                   pattern: bool) -> list[str]:
+def _line_problems(
+    where: str, line: str, names: list[str], per_line: int, known: set[str] | None, pattern: bool
+) -> list[str]:
     """One answer line's faults: blank, spacing, name count, repeats, extensions, unknown names."""
     if not names:
         return [f"{where}: is blank; every query needs {per_line} names."]
@@ -177,14 +185,20 @@ def gallery_names(folder: Path) -> set[str]:
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise TpasError(f"{folder}: no such folder; pass --gallery a gallery folder or a challenge folder holding gallery/.")
+        raise TpasError(
+            f"{folder}: no such folder; pass --gallery a gallery folder or a challenge folder holding gallery/."
+        )
     return {p.stem for p in gallery_images(folder / "gallery" if (folder / "gallery").is_dir() else folder)}
 
 
 def check_scope(query_index: bool, gallery: bool, per_line: int = 10) -> tuple[list[str], list[str]]:
     """What check_answer verified and what it could not, given a query index and/or a gallery."""
-    checked = ["UTF-8 ASCII text", "one kind of line ending", f"{per_line} distinct names per line, single spaces",
-               "no file extensions"]
+    checked = [
+        "UTF-8 ASCII text",
+        "one kind of line ending",
+        f"{per_line} distinct names per line, single spaces",
+        "no file extensions",
+    ]
     unchecked = []
     if query_index:
         checked.append("line count against the query index")
@@ -196,8 +210,10 @@ def check_scope(query_index: bool, gallery: bool, per_line: int = 10) -> tuple[l
         checked.append("names look like challenge names (15 of A-Z/0-9, when most do)")
         unchecked.append("names against a gallery (pass --gallery)")
     # Lines carry no query ids, so a file whose lines are shuffled is indistinguishable from a right one.
-    unchecked.append("line order (a line names no query; write the file with submit.py --query-index so line i "
-                     "answers query i of query_index.txt)")
+    unchecked.append(
+        "line order (a line names no query; write the file with submit.py --query-index so line i "
+        "answers query i of query_index.txt)"
+    )
     return checked, unchecked
 
 
@@ -210,28 +226,43 @@ def read_answer(path: Path, query_order: list[str]) -> pd.DataFrame:
     while lines and not lines[-1].strip():
         lines.pop()
     if len(lines) != len(query_order):
-        raise TpasError(f"{path}: has {len(lines)} lines for {len(query_order)} queries; "
-                        "check it with `python submit.py --check` and use the matching query index.")
+        raise TpasError(
+            f"{path}: has {len(lines)} lines for {len(query_order)} queries; "
+            "check it with `python submit.py --check` and use the matching query index."
+        )
     names = [line.split() for line in lines]
     counts = np.array([len(n) for n in names])
     rank = np.concatenate([np.arange(1, c + 1) for c in counts]) if counts.sum() else np.empty(0)
     nan = np.full(int(counts.sum()), np.nan)
-    return candidates_frame(list(np.repeat(np.asarray(query_order, dtype=object), counts)),
-                            [n for row in names for n in row], nan, nan, -rank, rank)
+    return candidates_frame(
+        list(np.repeat(np.asarray(query_order, dtype=object), counts)),
+        [n for row in names for n in row],
+        nan,
+        nan,
+        -rank,
+        rank,
+    )
 
 
 @dataclass
 class SubmitConfig:
     input_dir: Path = field(Path("outputs/sca"), help="Stage dir to read: candidates.parquet + queries.parquet.")
     output_dir: Path = field(Path("outputs/submission"), help="Where to write answer.txt, answer.zip and metrics.")
-    query_index: Path | None = field(None, help="Official query_index.txt giving the answer order "
-                                                "(default: the order of queries.parquet).")
-    check: Path | None = field(None, help="Only validate this answer file and exit 0 if valid, 1 if not: its format, "
-                                          "its line count against --query-index and its names against --gallery "
-                                          "when given. The line order cannot be checked: a line names no query.")
-    gallery: Path | None = field(None, help="Gallery folder (or a challenge folder holding gallery/) whose image names "
-                                            "every answer name must be (default: names are only checked for the "
-                                            "challenge's 15-character pattern).")
+    query_index: Path | None = field(
+        None, help="Official query_index.txt giving the answer order (default: the order of queries.parquet)."
+    )
+    check: Path | None = field(
+        None,
+        help="Only validate this answer file and exit 0 if valid, 1 if not: its format, "
+        "its line count against --query-index and its names against --gallery "
+        "when given. The line order cannot be checked: a line names no query.",
+    )
+    gallery: Path | None = field(
+        None,
+        help="Gallery folder (or a challenge folder holding gallery/) whose image names "
+        "every answer name must be (default: names are only checked for the "
+        "challenge's 15-character pattern).",
+    )
 
 
 def run_submit_stage(cfg: SubmitConfig) -> dict[str, Any]:
@@ -245,8 +276,13 @@ def run_submit_stage(cfg: SubmitConfig) -> dict[str, Any]:
         checked, unchecked = check_scope(cfg.query_index is not None, gallery is not None)
         print(f"checked: {'; '.join(checked)}")
         print(f"not checked: {'; '.join(unchecked)}")
-        return {"checked": str(cfg.check), "valid": not problems, "problems": problems,
-                "checks": checked, "not_checked": unchecked}
+        return {
+            "checked": str(cfg.check),
+            "valid": not problems,
+            "problems": problems,
+            "checks": checked,
+            "not_checked": unchecked,
+        }
 
     candidates = read_candidates(cfg.input_dir)
     queries = read_queries(cfg.input_dir)
@@ -257,8 +293,10 @@ def run_submit_stage(cfg: SubmitConfig) -> dict[str, Any]:
     missing = set(order) - set(candidates["query_index"].astype(str))
     if missing:
         source = cfg.query_index or Path(cfg.input_dir) / "queries.parquet"
-        raise TpasError(f"{source}: {len(missing)} query id(s) (e.g. {min(missing)}) have no candidates in "
-                        f"{Path(cfg.input_dir) / CANDIDATES_FILE}; run inference on the same query set.")
+        raise TpasError(
+            f"{source}: {len(missing)} query id(s) (e.g. {min(missing)}) have no candidates in "
+            f"{Path(cfg.input_dir) / CANDIDATES_FILE}; run inference on the same query set."
+        )
 
     out = Path(cfg.output_dir)
     answer = out / ANSWER_FILE
@@ -273,8 +311,10 @@ def run_submit_stage(cfg: SubmitConfig) -> dict[str, Any]:
         write_answer(candidates, order, part / ANSWER_FILE)
         problems = check_answer(part / ANSWER_FILE, order, gallery)
         if problems:  # e.g. candidate names with spaces or extensions: refuse to hand in a bad file
-            raise TpasError(f"{problems[0].replace(str(part / ANSWER_FILE), str(answer))} Fix the candidate image names "
-                            f"in {Path(cfg.input_dir) / CANDIDATES_FILE}.")
+            raise TpasError(
+                f"{problems[0].replace(str(part / ANSWER_FILE), str(answer))} Fix the candidate image names "
+                f"in {Path(cfg.input_dir) / CANDIDATES_FILE}."
+            )
         zip_answer(part / ANSWER_FILE, part / "answer.zip")
         write_json(part / "submit_config.json", cfg)
         if gt:

@@ -23,8 +23,7 @@ PAIR_FIELDS = {"image", "caption", "image_id", "hard_i", "hard_c", "hard_i_id", 
 
 
 def _build(path: Path, **kw) -> dict:
-    args = {"seed": 0, "n_train": N_TRAIN, "n_test": N_TEST, "distractor_ratio": RATIO, "workers": 1,
-            "progress": False}
+    args = {"seed": 0, "n_train": N_TRAIN, "n_test": N_TEST, "distractor_ratio": RATIO, "workers": 1, "progress": False}
     args.update(kw)
     with pytest.MonkeyPatch.context() as mp:
         # planning names the files by shard and build writes the shards: both read SHARD_SIZE
@@ -264,7 +263,8 @@ def test_different_seed_gives_a_different_set(built, tmp_path):
         assert (root / rel).read_bytes() != (other / rel).read_bytes()
     assert (root / "test/0.jpg").read_bytes() != (other / "test/0.jpg").read_bytes()
     assert {p.name for p in (root / "challenge/gallery").iterdir()}.isdisjoint(
-        p.name for p in (other / "challenge/gallery").iterdir())
+        p.name for p in (other / "challenge/gallery").iterdir()
+    )
 
 
 def test_incomplete_directory_needs_force(tmp_path):
@@ -312,8 +312,23 @@ def test_bad_arguments_are_user_errors(tmp_path):
 def test_cli_builds_and_reports(tmp_path):
     out = tmp_path / "cli"
     runner = CliRunner()
-    res = runner.invoke(demo.main, [str(out), "--n-train", "12", "--n-test", "6", "--image-height", "96",
-                                    "--image-width", "48", "--workers", "1", "--no-progress"])
+    res = runner.invoke(
+        demo.main,
+        [
+            str(out),
+            "--n-train",
+            "12",
+            "--n-test",
+            "6",
+            "--image-height",
+            "96",
+            "--image-width",
+            "48",
+            "--workers",
+            "1",
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "12 train pairs" in res.output and "6 test queries" in res.output and "3 distractors" in res.output
     with Image.open(out / "test/0.jpg") as im:
@@ -322,8 +337,16 @@ def test_cli_builds_and_reports(tmp_path):
     res = runner.invoke(demo.main, [str(out), "--n-train", "12", "--n-test", "6", "--no-progress"])
     assert res.exit_code != 0 and "--force" in res.output and "Traceback" not in res.output
     helptext = runner.invoke(demo.main, ["--help"]).output
-    for opt in ("--seed", "--n-train", "--n-test", "--distractor-ratio", "--image-height", "--image-width",
-                "--workers", "--force"):
+    for opt in (
+        "--seed",
+        "--n-train",
+        "--n-test",
+        "--distractor-ratio",
+        "--image-height",
+        "--image-width",
+        "--workers",
+        "--force",
+    ):
         assert opt in helptext
 
 

@@ -25,28 +25,52 @@ from tpas.experiments.results import (
 from tpas.metrics import ranking_metrics
 from tpas.schema import ground_truth, read_candidates, read_queries
 
-HEADINGS = ["## Wall time of each stage", "## Table 2: zero-shot vs fine-tuned", "## Score rules",
-            "## Table 3: training-subset size at equal compute", "## Table 4: post-processing",
-            "### zero-shot candidates", "### fine-tuned candidates", "### held-out wording candidates",
-            "## Held-out wording", "## Figure 2: ranked lists"]
+HEADINGS = [
+    "## Wall time of each stage",
+    "## Table 2: zero-shot vs fine-tuned",
+    "## Score rules",
+    "## Table 3: training-subset size at equal compute",
+    "## Table 4: post-processing",
+    "### zero-shot candidates",
+    "### fine-tuned candidates",
+    "### held-out wording candidates",
+    "## Held-out wording",
+    "## Figure 2: ranked lists",
+]
 
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory: pytest.TempPathFactory, tiny_demo: Path) -> tuple[ResultsConfig, dict]:
     root = tmp_path_factory.mktemp("results")
     # The session's demo set: the results page only reads its data root (the val set is its own).
-    cfg = ResultsConfig(data_root=tiny_demo, val_root=root / "val", val_queries=20, runs_dir=root / "runs",
-                        main_subset=96, main_epochs=1, model="tiny", val_size=32, k=10, sweep_sizes=[40, 0],
-                        sweep_steps=2, sweep_k=10, methods=["sca", "dual-softmax,sca"], output_dir=root / "out",
-                        cache_dir=root / "cache", doc=root / "docs" / "results.md", figure_queries=4, threads=1,
-                        progress=False)
+    cfg = ResultsConfig(
+        data_root=tiny_demo,
+        val_root=root / "val",
+        val_queries=20,
+        runs_dir=root / "runs",
+        main_subset=96,
+        main_epochs=1,
+        model="tiny",
+        val_size=32,
+        k=10,
+        sweep_sizes=[40, 0],
+        sweep_steps=2,
+        sweep_k=10,
+        methods=["sca", "dual-softmax,sca"],
+        output_dir=root / "out",
+        cache_dir=root / "cache",
+        doc=root / "docs" / "results.md",
+        figure_queries=4,
+        threads=1,
+        progress=False,
+    )
     return cfg, run_results(cfg)
 
 
 def _section(doc: str, heading: str) -> str:
     start = doc.index(heading)
     end = doc.find("\n## ", start + len(heading))
-    return doc[start:end if end >= 0 else None]
+    return doc[start : end if end >= 0 else None]
 
 
 def _rows(text: str) -> dict[str, list[str]]:
@@ -76,8 +100,19 @@ def test_report_has_every_section_and_picture(first_run: tuple[ResultsConfig, di
     assert "](results/figure2.png)" in doc and "](results/table3.png)" in doc and "](results/figure2.html)" in doc
     assert all(not r["cached"] for r in summary["stages"])
     names = [r["name"] for r in summary["stages"]]
-    assert {"data", "train/demo", "train/steps2-subset-40", "train/steps2-subset-0", "zero-shot", "finetuned",
-            "heldout", "finetuned-val", "tune-finetuned", "post-finetuned", "post-heldout"} <= set(names)
+    assert {
+        "data",
+        "train/demo",
+        "train/steps2-subset-40",
+        "train/steps2-subset-0",
+        "zero-shot",
+        "finetuned",
+        "heldout",
+        "finetuned-val",
+        "tune-finetuned",
+        "post-finetuned",
+        "post-heldout",
+    } <= set(names)
     # every stage's wall time is in the timing table, as recorded in its stage.json
     timing = _rows(_section(doc, "## Wall time of each stage"))
     recorded = json.loads((cfg.output_dir / "finetuned" / STAGE_FILE).read_text())
@@ -94,7 +129,9 @@ def test_numbers_match_the_stage_files(first_run: tuple[ResultsConfig, dict]) ->
     assert table2["zero-shot, ITC"] == _cells(zero["itc"])
     assert table2["fine-tuned (demo), ITC only"] == _cells(main_run["itc"])
     assert table2["fine-tuned, ITC top-10 re-ranked by `--score tpas` (default)"] == _cells(main_run["final"])
-    assert table2["fine-tuned, ITC top-10 re-ranked by ITM alone (log-odds)"] == _cells(main_run["by_score"]["log-odds"])
+    assert table2["fine-tuned, ITC top-10 re-ranked by ITM alone (log-odds)"] == _cells(
+        main_run["by_score"]["log-odds"]
+    )
 
     rules = _rows(_section(doc, "## Score rules"))
     rules.pop("rule")  # the header
@@ -102,8 +139,10 @@ def test_numbers_match_the_stage_files(first_run: tuple[ResultsConfig, dict]) ->
     assert set(rules) == {"`xvlm`", "`cmp`", "`blip`", "`log-odds`", "`tpas` (default)", "`itc`"}
     for name, row in rules.items():
         rule = name.split("`")[1]
-        assert row[2:] == [f"{val_run['by_score'][rule]['R@1']:.2f}",
-                           *_cells(main_run["by_score"][rule], ("R@1", "R@5", "R@10"))]
+        assert row[2:] == [
+            f"{val_run['by_score'][rule]['R@1']:.2f}",
+            *_cells(main_run["by_score"][rule], ("R@1", "R@5", "R@10")),
+        ]
     assert main_run["by_score"]["tpas"] == main_run["final"]  # the default rule is the ranking written
 
     table3 = _rows(_section(doc, "## Table 3"))
@@ -120,8 +159,8 @@ def test_numbers_match_the_stage_files(first_run: tuple[ResultsConfig, dict]) ->
         gt = ground_truth(read_queries(out / source))
         assert post["rows"][0]["R@1"] == pytest.approx(ranking_metrics(candidates, gt)["R@1"])
         label = {"zero-shot": "### zero-shot", "finetuned": "### fine-tuned", "heldout": "### held-out"}[source]
-        block = table4[table4.index(label):]
-        block = block[:block.index("**What this shows.**")]
+        block = table4[table4.index(label) :]
+        block = block[: block.index("**What this shows.**")]
         lines = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| method")]
         assert len(lines) == len(post["rows"]) == 1 + 2 * len(cfg.methods)
         for line, row in zip(lines, post["rows"]):
@@ -129,15 +168,21 @@ def test_numbers_match_the_stage_files(first_run: tuple[ResultsConfig, dict]) ->
             assert cells[:5] == [row["method"], row["variant"], *_cells(row, ("R@1", "R@5", "R@10"))]
             assert cells[6] == str(row["top1_changed"])
             if row["method"] != "none":  # the saved top-10 lists reproduce the row's numbers
-                top10 = pd.read_parquet(out / f"post-{source}" / f"{row['method'].replace(',', '+')}-{row['variant']}.parquet")
+                top10 = pd.read_parquet(
+                    out / f"post-{source}" / f"{row['method'].replace(',', '+')}-{row['variant']}.parquet"
+                )
                 again = ranking_metrics(top10, gt)
-                assert [again[k] for k in ("R@1", "R@5", "R@10")] == pytest.approx([row[k] for k in ("R@1", "R@5", "R@10")])
+                assert [again[k] for k in ("R@1", "R@5", "R@10")] == pytest.approx(
+                    [row[k] for k in ("R@1", "R@5", "R@10")]
+                )
                 assert top1_changes(candidates, top10, gt)["top1_changed"] == row["top1_changed"]
 
     heldout = _rows(_section(doc, "## Held-out wording"))
     main_h = json.loads((out / "heldout" / "metrics.json").read_text())["final"]
-    assert heldout["fine-tuned, ITM + ITC"] == [*_cells(main_run["final"], ("R@1", "R@5", "R@10")),
-                                                 *_cells(main_h, ("R@1", "R@5", "R@10"))]
+    assert heldout["fine-tuned, ITM + ITC"] == [
+        *_cells(main_run["final"], ("R@1", "R@5", "R@10")),
+        *_cells(main_h, ("R@1", "R@5", "R@10")),
+    ]
 
 
 def test_second_run_skips_every_stage(first_run: tuple[ResultsConfig, dict]) -> None:
@@ -165,8 +210,13 @@ def test_a_changed_setting_reruns_only_what_depends_on_it(first_run: tuple[Resul
 
 def test_config_comparison_ignores_cosmetic_and_missing_fields() -> None:
     saved = {"subset": 1000, "epochs": 3, "progress": True, "workers": 1, "data_root": "data/demo"}
-    assert config_differences(saved, {"subset": 1000, "epochs": 3, "progress": False, "workers": 4,
-                                      "data_root": "data/demo", "amp": False}) == []
+    assert (
+        config_differences(
+            saved,
+            {"subset": 1000, "epochs": 3, "progress": False, "workers": 4, "data_root": "data/demo", "amp": False},
+        )
+        == []
+    )
     assert config_differences(saved, {"subset": 2000, "epochs": 3}) == ["subset"]
     assert config_differences({"infer": {"k": 128}}, {"infer": {"k": 32}}) == ["infer.k"]
 
@@ -184,8 +234,11 @@ def test_a_run_trained_with_other_settings_is_an_error(tmp_path: Path) -> None:
 
 def test_top1_changes_counts_fixed_and_broken() -> None:
     def frame(tops: dict[str, list[str]]) -> pd.DataFrame:
-        return pd.DataFrame([(q, r + 1, img) for q, imgs in tops.items() for r, img in enumerate(imgs)],
-                            columns=["query_index", "rank", "image"])
+        return pd.DataFrame(
+            [(q, r + 1, img) for q, imgs in tops.items() for r, img in enumerate(imgs)],
+            columns=["query_index", "rank", "image"],
+        )
+
     gt = {"a": "x", "b": "y", "c": "z", "d": "w"}
     before = frame({"a": ["p", "x"], "b": ["y", "q"], "c": ["r", "s"], "d": ["w", "t"]})
     after = frame({"a": ["x", "p"], "b": ["q", "y"], "c": ["s", "r"], "d": ["w", "t"]})
@@ -208,9 +261,16 @@ def test_ranked_lists_pictures_mark_the_true_image(tmp_path: Path) -> None:
         Image.new("RGB", (64, 128), (20 * i, 90, 160)).save(paths[f"g{i}"])
     ten = [f"g{i}" for i in range(10)]
     after = ["g3", *[g for g in ten if g != "g3"]]
-    panels = [figures.QueryPanel("q1", "a man lying on the pavement", "g3", "fixed by sca",
-                                 [figures.RankedRow("before", ten), figures.RankedRow("after", after)]),
-              figures.QueryPanel("q2", "a very long caption " * 20, "g11", "ordinary", [figures.RankedRow("top-10", ten)])]
+    panels = [
+        figures.QueryPanel(
+            "q1",
+            "a man lying on the pavement",
+            "g3",
+            "fixed by sca",
+            [figures.RankedRow("before", ten), figures.RankedRow("after", after)],
+        ),
+        figures.QueryPanel("q2", "a very long caption " * 20, "g11", "ordinary", [figures.RankedRow("top-10", ten)]),
+    ]
     figures.ranked_lists_png(tmp_path / "f.png", panels, paths, "title")
     figures.ranked_lists_html(tmp_path / "f.html", panels, paths, "title")
     page = (tmp_path / "f.html").read_text(encoding="utf-8")

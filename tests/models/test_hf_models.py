@@ -21,16 +21,17 @@ from tpas.models.run import load_run_model, save_weights
 from tpas.models.text import TextPipeline
 
 FAMILIES = {"blip": ("blip-itm", H.TINY_BLIP_CONFIG), "clip": ("clip", H.TINY_CLIP_CONFIG)}
-CAPTIONS = ["a man in a red jacket lying on the pavement",
-            "a woman in a blue coat running across the street",
-            "a child falling off a bike",
-            "an old man walking"]
+CAPTIONS = [
+    "a man in a red jacket lying on the pavement",
+    "a woman in a blue coat running across the street",
+    "a child falling off a bike",
+    "an old man walking",
+]
 
 
 def _config(family: str, **overrides) -> M.ModelConfig:
     preset, tiny = FAMILIES[family]
-    values = {"hf_model": None, "hf_config": copy.deepcopy(tiny), "image_size": (32, 32), "max_tokens": 32,
-              **overrides}
+    values = {"hf_model": None, "hf_config": copy.deepcopy(tiny), "image_size": (32, 32), "max_tokens": 32, **overrides}
     return M.ModelConfig.from_preset(preset, **values)
 
 
@@ -97,8 +98,9 @@ def test_clip_matches_transformers_forward():
         image_feat = model.encode_image(images)[1]
         text_feat = model.encode_text(tokens["input_ids"], tokens["attention_mask"])[1]
         out = model.model(input_ids=tokens["input_ids"], pixel_values=images, attention_mask=tokens["attention_mask"])
-    torch.testing.assert_close(text_feat @ image_feat.T, out.logits_per_text / model.model.logit_scale.exp(),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        text_feat @ image_feat.T, out.logits_per_text / model.model.logit_scale.exp(), rtol=1e-5, atol=1e-5
+    )
     torch.testing.assert_close(model.temp.detach(), 1 / model.model.logit_scale.detach().exp())
     with pytest.raises(TpasError, match="no ITM head"):
         model.itm_logits(image_feat[:, None], image_feat[:, None], tokens["attention_mask"])
@@ -159,8 +161,19 @@ def test_rank_end_to_end(family):
     with torch.no_grad():
         image_state, image_feat = model.encode_image(images)
     use_itm = model.has_itm
-    ranked = retrieval.rank(model, TextPipeline(tokenizer, max_tokens=cfg.max_tokens), CAPTIONS, image_feat, image_state, k=3,
-                            use_itm=use_itm, itc_weight=2.0, text_batch=2, itm_batch=4, progress=False)
+    ranked = retrieval.rank(
+        model,
+        TextPipeline(tokenizer, max_tokens=cfg.max_tokens),
+        CAPTIONS,
+        image_feat,
+        image_state,
+        k=3,
+        use_itm=use_itm,
+        itc_weight=2.0,
+        text_batch=2,
+        itm_batch=4,
+        progress=False,
+    )
     assert ranked["index"].shape == (4, 3)
     assert all(len(set(row)) == 3 for row in ranked["index"])
     if use_itm:
@@ -169,15 +182,20 @@ def test_rank_end_to_end(family):
         # the ITM column is the model's score for that (caption, image) pair
         tokens = TextPipeline(tokenizer, max_tokens=cfg.max_tokens)(CAPTIONS[:1])
         with torch.no_grad():
-            direct = model.itm_score(image_state[ranked["index"][0]], tokens["input_ids"].repeat(3, 1),
-                                     tokens["attention_mask"].repeat(3, 1))
+            direct = model.itm_score(
+                image_state[ranked["index"][0]], tokens["input_ids"].repeat(3, 1), tokens["attention_mask"].repeat(3, 1)
+            )
         np.testing.assert_allclose(ranked["itm"][0], direct.numpy(), rtol=1e-4, atol=1e-5)
     else:
         assert np.isnan(ranked["itm"]).all()
         assert (np.diff(ranked["itc"], axis=1) <= 0).all()
     text_feat = model.encode_text(**TextPipeline(tokenizer, max_tokens=cfg.max_tokens)(CAPTIONS))[1].detach()
-    np.testing.assert_allclose(ranked["itc"], np.take_along_axis((text_feat @ image_feat.T).numpy(),
-                                                                 ranked["index"], axis=1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        ranked["itc"],
+        np.take_along_axis((text_feat @ image_feat.T).numpy(), ranked["index"], axis=1),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def _save_hf_dir(model: M.RetrievalModel, cfg: M.ModelConfig, folder: Path) -> Path:
@@ -210,8 +228,11 @@ def test_missing_checkpoint_weights_are_new(tmp_path):
     model, cfg = _build("blip")
     folder = _save_hf_dir(model, cfg, tmp_path / "hf")
     weights = load_file(str(folder / "model.safetensors"))
-    save_file({k: v for k, v in weights.items() if not k.startswith("itm_head.")}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in weights.items() if not k.startswith("itm_head.")},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     loaded = M.build_model(_config("blip", hf_model=str(folder), hf_config=None))
     assert loaded.new_parameter_names() == ["temp", "model.itm_head.weight", "model.itm_head.bias"]
     names = {g["name"] for g in loaded.param_groups(0.01, 1e-4, 5.0)}
@@ -229,8 +250,11 @@ def test_zero_shot_reranks_only_with_a_pretrained_itm_head(tmp_path):
     assert not model.itm_pretrained and not retrieval.uses_itm(zero_shot, model, cfg)  # random weights
     assert retrieval.uses_itm(dataclasses.replace(zero_shot, zero_shot=False), model, cfg)  # a trained run's head
     weights = load_file(str(folder / "model.safetensors"))
-    save_file({k: v for k, v in weights.items() if not k.startswith("itm_head.")}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in weights.items() if not k.startswith("itm_head.")},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     headless = M.build_model(_config("blip", hf_model=str(folder), hf_config=None))
     assert not headless.itm_pretrained and not retrieval.uses_itm(zero_shot, headless, cfg)
     clip, clip_cfg = _build("clip")
@@ -276,8 +300,10 @@ def test_trained_run_reloads_without_the_hf_dir(family, tmp_path):
             torch.testing.assert_close(a, b)
         if family == "blip":
             state, _ = trained.encode_image(images)
-            torch.testing.assert_close(trained.itm_score(state, tokens["input_ids"], tokens["attention_mask"]),
-                                       reloaded.itm_score(state, tokens["input_ids"], tokens["attention_mask"]))
+            torch.testing.assert_close(
+                trained.itm_score(state, tokens["input_ids"], tokens["attention_mask"]),
+                reloaded.itm_score(state, tokens["input_ids"], tokens["attention_mask"]),
+            )
 
 
 @pytest.mark.parametrize("preset", ["blip-itm", "clip"])

@@ -22,23 +22,40 @@ from tpas.models.text import TextPipeline
 
 # ImageNet classes of palace/temple-like buildings. The mapped model's top-5 for china.jpg (a
 # Chinese temple) is [698 palace, 442 bell cote, 663 monastery, 975 lakeside, 449 boathouse].
-PALACE_LIKE = {698: "palace", 663: "monastery", 442: "bell cote", 497: "church", 538: "dome", 483: "castle",
-               832: "stupa"}
+PALACE_LIKE = {
+    698: "palace",
+    663: "monastery",
+    442: "bell cote",
+    497: "church",
+    538: "dome",
+    483: "castle",
+    832: "stupa",
+}
 
-CAPTIONS = ["a man in a red jacket lying on the pavement",
-            "a woman in a blue coat running across the street",
-            "a child with a yellow backpack falling off a bike",
-            "an old man in a grey suit walking with a cane"]
-HARD_CAPTIONS = ["a man in a red jacket walking on the pavement",
-                 "a woman in a blue coat standing on the street",
-                 "a child with a yellow backpack riding a bike",
-                 "an old man in a grey suit lying on the ground"]
+CAPTIONS = [
+    "a man in a red jacket lying on the pavement",
+    "a woman in a blue coat running across the street",
+    "a child with a yellow backpack falling off a bike",
+    "an old man in a grey suit walking with a cane",
+]
+HARD_CAPTIONS = [
+    "a man in a red jacket walking on the pavement",
+    "a woman in a blue coat standing on the street",
+    "a child with a yellow backpack riding a bike",
+    "an old man in a grey suit lying on the ground",
+]
 
 
 def _imagenet_input() -> torch.Tensor:
     photo = Image.fromarray(load_sample_image("china.jpg"))
-    prep = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
-                      T.Normalize(M.IMAGE_MEAN, M.IMAGE_STD)])
+    prep = T.Compose(
+        [
+            T.Resize(256, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(224),
+            T.ToTensor(),
+            T.Normalize(M.IMAGE_MEAN, M.IMAGE_STD),
+        ]
+    )
     return prep(photo)[None]
 
 
@@ -48,6 +65,7 @@ def _top5(net: torch.nn.Module, x: torch.Tensor) -> list[int]:
 
 
 # ---------------------------------------------------------------- EfficientNet weights
+
 
 def test_mapped_efficientnet_classifies_a_real_photo():
     x = _imagenet_input()
@@ -110,6 +128,7 @@ def test_pretrained_needs_a_matching_backbone():
 
 # ---------------------------------------------------------------- tiny model
 
+
 @pytest.fixture(scope="module")
 def tiny_cfg() -> M.ModelConfig:
     return M.ModelConfig.from_preset("tiny")
@@ -129,9 +148,13 @@ def _batch(cfg, tokenizer, seed: int = 1) -> dict:
     gen = torch.Generator().manual_seed(seed)
     tokens = TextPipeline(tokenizer, max_tokens=cfg.max_tokens)(CAPTIONS)
     hard = TextPipeline(tokenizer, max_tokens=cfg.max_tokens)(HARD_CAPTIONS)
-    return {"images": torch.randn(4, 3, *cfg.image_size, generator=gen), **tokens,
-            "hard_images": torch.randn(4, 3, *cfg.image_size, generator=gen),
-            "hard_input_ids": hard["input_ids"], "hard_attention_mask": hard["attention_mask"]}
+    return {
+        "images": torch.randn(4, 3, *cfg.image_size, generator=gen),
+        **tokens,
+        "hard_images": torch.randn(4, 3, *cfg.image_size, generator=gen),
+        "hard_input_ids": hard["input_ids"],
+        "hard_attention_mask": hard["attention_mask"],
+    }
 
 
 def _plain(batch: dict) -> tuple:
@@ -175,8 +198,12 @@ def test_hard_negatives(tiny_cfg, tokenizer):
     torch.manual_seed(3)
     plain = model(*_plain(batch))
     torch.manual_seed(3)
-    hard = model(*_plain(batch), hard_images=batch["hard_images"], hard_input_ids=batch["hard_input_ids"],
-                 hard_attention_mask=batch["hard_attention_mask"])
+    hard = model(
+        *_plain(batch),
+        hard_images=batch["hard_images"],
+        hard_input_ids=batch["hard_input_ids"],
+        hard_attention_mask=batch["hard_attention_mask"],
+    )
     assert all(torch.isfinite(v) for v in hard.values())
     assert hard["loss_itc"] > plain["loss_itc"]  # extra negative columns only add probability mass
     assert hard["loss_itm"] != plain["loss_itm"]
@@ -198,8 +225,10 @@ def test_duplicates_are_never_negatives(tiny_cfg, tokenizer):
     model = _tiny(tiny_cfg)
     images = torch.randn(2, 3, *tiny_cfg.image_size)
     same = TextPipeline(tokenizer, max_tokens=70)([CAPTIONS[0]] * 2)
-    for out in (model(images[:1], same["input_ids"][:1], same["attention_mask"][:1]),
-                model(images, same["input_ids"], same["attention_mask"])):
+    for out in (
+        model(images[:1], same["input_ids"][:1], same["attention_mask"][:1]),
+        model(images, same["input_ids"], same["attention_mask"]),
+    ):
         assert torch.isfinite(out["loss"])
 
 
@@ -240,8 +269,9 @@ def test_padding_mask_hides_padded_tokens(tiny_cfg, tokenizer):
         # and the mask matters: unmasking the scribbled tokens changes the result
         _, unmasked_feat = model.encode_text(scribbled, torch.ones_like(mask))
         assert not torch.allclose(ref_feat, unmasked_feat, atol=1e-4)
-        assert not torch.allclose(ref_score, model.itm_score(image_embeds, new_embeds, torch.ones_like(mask)),
-                                  atol=1e-4)
+        assert not torch.allclose(
+            ref_score, model.itm_score(image_embeds, new_embeds, torch.ones_like(mask)), atol=1e-4
+        )
 
 
 def test_param_groups(tiny_cfg):
@@ -289,8 +319,9 @@ def test_fusion_layers_start_as_the_text_models_top_layers(tiny_cfg):
         fusion_state = fusion_layer.state_dict()
         for key, value in bert_layer.state_dict().items():
             assert torch.equal(fusion_state[key], value), key
-        assert not torch.equal(fusion_state["crossattention.self.query.weight"],
-                               fusion_state["attention.self.query.weight"])
+        assert not torch.equal(
+            fusion_state["crossattention.self.query.weight"], fusion_state["attention.self.query.weight"]
+        )
     with pytest.raises(TpasError, match="only 2 layers"):
         M.build_model(dataclasses.replace(tiny_cfg, fusion_layers=3))
 
@@ -310,6 +341,7 @@ def test_tokenize_and_image_transform(tiny_cfg, tokenizer):
 
 
 # ---------------------------------------------------------------- the real default preset
+
 
 def test_default_preset_builds_offline_and_trains():
     cfg = M.ModelConfig()
@@ -335,6 +367,8 @@ def test_default_preset_builds_offline_and_trains():
     start = time.perf_counter()
     out = model(images, tokens["input_ids"], tokens["attention_mask"], image_ids=image_ids)
     out["loss"].backward()
-    print(f"default preset fwd+bwd, batch 16 at {cfg.image_size}: {time.perf_counter() - start:.2f}s "
-          f"on {torch.get_num_threads()} threads")
+    print(
+        f"default preset fwd+bwd, batch 16 at {cfg.image_size}: {time.perf_counter() - start:.2f}s "
+        f"on {torch.get_num_threads()} threads"
+    )
     assert torch.isfinite(out["loss"])

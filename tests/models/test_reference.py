@@ -34,14 +34,30 @@ def fixture_config(**overrides) -> M.ModelConfig:
     """xvlm-tiny at the fixture's sizes (swin_config.json, bert_config.json, the checkpoint's config)."""
     bert = json.loads((REF / "bert_config.json").read_text())
     swin = json.loads((REF / "swin_config.json").read_text())
-    text_config = {k: bert[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                                        "vocab_size", "hidden_act", "layer_norm_eps", "max_position_embeddings",
-                                        "type_vocab_size", "pad_token_id")}
-    values = {"text_config": text_config, "text_layers": bert["fusion_layer"],
-              "fusion_layers": bert["num_hidden_layers"] - bert["fusion_layer"], "embed_dim": 16,
-              "image_size": (swin["image_res"], swin["image_res"]),
-              "image_backbone_kwargs": {k: swin[k] for k in ("embed_dim", "depths", "num_heads", "window_size")},
-              **overrides}
+    text_config = {
+        k: bert[k]
+        for k in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "vocab_size",
+            "hidden_act",
+            "layer_norm_eps",
+            "max_position_embeddings",
+            "type_vocab_size",
+            "pad_token_id",
+        )
+    }
+    values = {
+        "text_config": text_config,
+        "text_layers": bert["fusion_layer"],
+        "fusion_layers": bert["num_hidden_layers"] - bert["fusion_layer"],
+        "embed_dim": 16,
+        "image_size": (swin["image_res"], swin["image_res"]),
+        "image_backbone_kwargs": {k: swin[k] for k in ("embed_dim", "depths", "num_heads", "window_size")},
+        **overrides,
+    }
     return M.ModelConfig.from_preset("xvlm-tiny", **values)
 
 
@@ -85,19 +101,33 @@ def _run(model: M.XVLMModel, cfg: M.ModelConfig, reference: dict) -> dict[str, t
         logits = model.itm_head(fused)
         itc = text_feat @ image_feat.T
         itc_over_temp = itc / model.temp
-    return {"pixels": images, "tokens": tokens, "image_embeds": image_embeds, "image_feat": image_feat,
-            "text_hidden": text_hidden, "text_feat": text_feat, "itc_sim": itc, "itc_over_temp": itc_over_temp,
-            "itm_logits": logits.reshape(n_text, n_image, 2), "fused_cls": fused.reshape(n_text, n_image, -1)}
+    return {
+        "pixels": images,
+        "tokens": tokens,
+        "image_embeds": image_embeds,
+        "image_feat": image_feat,
+        "text_hidden": text_hidden,
+        "text_feat": text_feat,
+        "itc_sim": itc,
+        "itc_over_temp": itc_over_temp,
+        "itm_logits": logits.reshape(n_text, n_image, 2),
+        "fused_cls": fused.reshape(n_text, n_image, -1),
+    }
 
 
 # ---------------------------------------------------------------- the text pipeline
+
 
 def test_reference_pre_caption_reproduces_every_tricky_case():
     cases = json.loads((REF / "pre_caption.json").read_text())["cases"]
     cfg = fixture_config()
     pipeline = M.build_text_pipeline(cfg)
-    assert (pipeline.caption_clean, pipeline.max_words, pipeline.trailing_sep, pipeline.max_tokens) == \
-        ("pre_caption", 30, False, 40)  # X-VLM's retrieval config, from the xvlm-* presets
+    assert (pipeline.caption_clean, pipeline.max_words, pipeline.trailing_sep, pipeline.max_tokens) == (
+        "pre_caption",
+        30,
+        False,
+        40,
+    )  # X-VLM's retrieval config, from the xvlm-* presets
     errors = 0
     for case in cases:
         if case["error"] is not None:
@@ -137,16 +167,23 @@ def test_reference_text_pipeline_is_recorded_in_the_run_config_and_old_runs_keep
 
 # ---------------------------------------------------------------- images
 
+
 def test_reference_pixel_tensors(reference):
     cfg = fixture_config()
-    _close(_pixels(cfg, [image["file"] for image in reference["images"]]), reference["preprocess"]["pixel_values"],
-           "pixel_values")
+    _close(
+        _pixels(cfg, [image["file"] for image in reference["images"]]),
+        reference["preprocess"]["pixel_values"],
+        "pixel_values",
+    )
     for name, check in reference["preprocess"]["resize_check"].items():
         _close(_pixels(cfg, [name])[0], check["pixel_values"], f"bicubic resize of {name}")
-    assert cfg.image_mean == tuple(reference["preprocess"]["mean"]) and cfg.image_std == tuple(reference["preprocess"]["std"])
+    assert cfg.image_mean == tuple(reference["preprocess"]["mean"]) and cfg.image_std == tuple(
+        reference["preprocess"]["std"]
+    )
 
 
 # ---------------------------------------------------------------- the model
+
 
 def test_reference_checkpoint_reproduces_every_recorded_output(loaded, reference):
     model, cfg = loaded
@@ -164,16 +201,32 @@ def test_reference_xvlm_score_rule_reproduces_retrievals_t2i_scores(loaded, refe
     images = _pixels(cfg, [image["file"] for image in reference["images"]])
     with torch.inference_mode():
         image_embeds, image_feat = model.encode_image(images)
-    ranked = rank(model, M.build_text_pipeline(cfg), reference["captions"], image_feat, image_embeds, k=3,
-                  score_rule=scores.default_rule(cfg.preset), progress=False)
+    ranked = rank(
+        model,
+        M.build_text_pipeline(cfg),
+        reference["captions"],
+        image_feat,
+        image_embeds,
+        k=3,
+        score_rule=scores.default_rule(cfg.preset),
+        progress=False,
+    )
     assert scores.default_rule(cfg.preset) == "xvlm"
     t2i = np.zeros_like(ranked["score"])
     np.put_along_axis(t2i, ranked["index"], ranked["score"], axis=1)
     _close(t2i, reference["outputs"]["itm_score_t2i"], "Retrieval.py score_matrix_t2i")
     assert ranked["index"].tolist() == reference["checks"]["t2i_ranking_itm_index1"]
     # the logit difference orders these images otherwise: the rule is not a detail
-    log_odds = rank(model, M.build_text_pipeline(cfg), reference["captions"], image_feat, image_embeds, k=3,
-                    score_rule="log-odds", progress=False)
+    log_odds = rank(
+        model,
+        M.build_text_pipeline(cfg),
+        reference["captions"],
+        image_feat,
+        image_embeds,
+        k=3,
+        score_rule="log-odds",
+        progress=False,
+    )
     assert log_odds["index"].tolist() == reference["checks"]["t2i_ranking_logit_difference"]
     assert log_odds["index"].tolist() != ranked["index"].tolist()
 
@@ -189,9 +242,16 @@ def test_reference_checks_catch_each_broken_convention(loaded, reference, broken
         gap = np.abs(diff - np.asarray(reference["outputs"]["itm_score_t2i"])).max()
     elif broken == "imagenet_mean_std":
         bad = dataclasses.replace(cfg, image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225))
-        gap = float((_pixels(bad, ["img0.png"])[0] - torch.tensor(reference["preprocess"]["pixel_values"][0])).abs().max())
+        gap = float(
+            (_pixels(bad, ["img0.png"])[0] - torch.tensor(reference["preprocess"]["pixel_values"][0])).abs().max()
+        )
     else:
-        bad = dataclasses.replace(cfg, trailing_sep=True) if broken == "trailing_sep" else \
-            dataclasses.replace(cfg, caption_clean="strip")
-        gap = float((_run(model, bad, reference)["text_feat"] - torch.tensor(reference["outputs"]["text_feat"])).abs().max())
+        bad = (
+            dataclasses.replace(cfg, trailing_sep=True)
+            if broken == "trailing_sep"
+            else dataclasses.replace(cfg, caption_clean="strip")
+        )
+        gap = float(
+            (_run(model, bad, reference)["text_feat"] - torch.tensor(reference["outputs"]["text_feat"])).abs().max()
+        )
     assert gap > 100 * ATOL, f"{broken}: only {gap:.3g} from the reference"

@@ -22,8 +22,11 @@ from tpas.models import backbones
 from tpas.models.convert import xvlm as C
 from tpas.models.text import TextPipeline
 
-CAPTIONS = ["a man in a red jacket lying on the pavement", "a woman in a blue coat running across the street",
-            "a child with a yellow backpack falling off a bike"]
+CAPTIONS = [
+    "a man in a red jacket lying on the pavement",
+    "a woman in a blue coat running across the street",
+    "a child with a yellow backpack falling off a bike",
+]
 TINY_SWIN = {"embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]}  # xvlm-tiny's, without the window
 
 
@@ -43,13 +46,16 @@ def to_xvlm(model: M.XVLMModel) -> dict[str, torch.Tensor]:
     for name, value in model.state_dict().items():
         if name.startswith("image_encoder."):
             # timm merges patches at the START of stage N, Microsoft's Swin at the end of stage N-1
-            rest = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) - 1}.downsample",
-                          name[len("image_encoder."):])
+            rest = re.sub(
+                r"^layers\.(\d+)\.downsample",
+                lambda m: f"layers.{int(m[1]) - 1}.downsample",
+                name[len("image_encoder.") :],
+            )
             out[f"vision_encoder.{rest}"] = value.clone()
         elif name.startswith("text_encoder."):
-            out[f"text_encoder.bert.{name[len('text_encoder.'):]}"] = value.clone()
+            out[f"text_encoder.bert.{name[len('text_encoder.') :]}"] = value.clone()
         elif name.startswith("fusion."):
-            index, rest = name[len("fusion."):].split(".", 1)
+            index, rest = name[len("fusion.") :].split(".", 1)
             out[f"text_encoder.bert.encoder.layer.{text_layers + int(index)}.{rest}"] = value.clone()
         else:  # vision_proj, text_proj, itm_head.0/1/3, temp
             out[name] = value.clone()
@@ -121,9 +127,13 @@ def test_an_x_vlm_checkpoint_loads_completely_and_reproduces_the_model(source, t
     assert report["counts"]["loaded"] == len(target.state_dict())
     buffers = {f"vision_encoder.{n}" for n, _ in source.image_encoder.named_buffers()}
     assert set(report["ignored"]) == buffers | {
-        "text_encoder.bert.embeddings.position_ids", "text_encoder.cls.predictions.bias",
-        "text_encoder.cls.predictions.transform.dense.weight", "text_encoder.cls.predictions.decoder.weight",
-        "bbox_head.0.weight", "bbox_head.3.weight"}
+        "text_encoder.bert.embeddings.position_ids",
+        "text_encoder.cls.predictions.bias",
+        "text_encoder.cls.predictions.transform.dense.weight",
+        "text_encoder.cls.predictions.decoder.weight",
+        "bbox_head.0.weight",
+        "bbox_head.3.weight",
+    }
     assert "WARNING" not in capsys.readouterr().out
 
     expected = source.state_dict()
@@ -167,8 +177,11 @@ def test_relative_position_tables_are_interpolated_to_the_models_window(tokenize
     target = _model(seed=5)  # window 4
     report = C.load_initial_weights(target, _save(tmp_path, state))
 
-    tables = [f"image_encoder.{n}" for n, _ in target.image_encoder.named_parameters()
-              if n.endswith("relative_position_bias_table")]
+    tables = [
+        f"image_encoder.{n}"
+        for n, _ in target.image_encoder.named_parameters()
+        if n.endswith("relative_position_bias_table")
+    ]
     assert report["interpolated"] == sorted(tables) and len(tables) == 4
     assert report["unmapped"] == [] and report["missing"] == []
     table = target.image_encoder.layers[1].blocks[1].attn.relative_position_bias_table
@@ -176,8 +189,10 @@ def test_relative_position_tables_are_interpolated_to_the_models_window(tokenize
     assert torch.allclose(table, resize_rel_pos_bias_table(state[key], new_window_size=(4, 4), new_bias_shape=(49, 4)))
     assert not torch.allclose(table[:9], state[key])
     # everything else is copied as it is; the model runs
-    assert torch.equal(target.image_encoder.layers[1].downsample.reduction.weight,
-                       small.image_encoder.layers[1].downsample.reduction.weight)
+    assert torch.equal(
+        target.image_encoder.layers[1].downsample.reduction.weight,
+        small.image_encoder.layers[1].downsample.reduction.weight,
+    )
     outputs = _outputs(target, *_inputs(tokenizer, target.cfg))
     assert all(torch.isfinite(t).all() for t in outputs)
 
@@ -190,8 +205,10 @@ def test_unmapped_and_missing_keys_are_reported_loudly(source, tmp_path, capsys)
     target = _model(seed=6)
     keep = target.itm_head[3].bias.detach().clone()
     report = C.load_initial_weights(target, _save(tmp_path, state))
-    assert report["unmapped"] == ["text_encoder.bert.encoder.layer.4.attention.self.query.weight",
-                                  "vision_encoder.mystery.weight"]
+    assert report["unmapped"] == [
+        "text_encoder.bert.encoder.layer.4.attention.self.query.weight",
+        "vision_encoder.mystery.weight",
+    ]
     assert report["missing"] == ["itm_head.3.bias"]
     assert torch.equal(target.itm_head[3].bias, keep)
     out = capsys.readouterr().out
@@ -226,6 +243,7 @@ class _NotATensor:
 
 # ---------------------------------------------------------------- the presets
 
+
 def test_xvlm_tiny_trains_and_infers(tokenizer):
     cfg = _cfg()
     model = _model(seed=8).train()
@@ -237,8 +255,13 @@ def test_xvlm_tiny_trains_and_infers(tokenizer):
     assert no_grad == []
     # X-VLM's fine-tuning: only the heads and the temperature are new (lr x new_lr_mult)
     assert set(model.new_parameter_names()) == {
-        "temp", "vision_proj.weight", "vision_proj.bias", "text_proj.weight", "text_proj.bias",
-        *(f"itm_head.{i}.{p}" for i in (0, 1, 3) for p in ("weight", "bias"))}
+        "temp",
+        "vision_proj.weight",
+        "vision_proj.bias",
+        "text_proj.weight",
+        "text_proj.bias",
+        *(f"itm_head.{i}.{p}" for i in (0, 1, 3) for p in ("weight", "bias")),
+    }
 
     model.eval()
     image_embeds, image_feat, text_embeds, text_feat, scores = _outputs(model, images, ids, mask)
@@ -260,7 +283,9 @@ def test_fusion_layers_start_from_the_layers_after_the_text_layers():
     for index, fusion_layer in enumerate(model.fusion):  # BERT layers 2 and 3, not copies of the text layers
         fusion_state = fusion_layer.state_dict()
         assert all(torch.equal(fusion_state[k], v) for k, v in layers[2 + index].items())
-        assert not torch.equal(fusion_state["attention.self.query.weight"], layers[index]["attention.self.query.weight"])
+        assert not torch.equal(
+            fusion_state["attention.self.query.weight"], layers[index]["attention.self.query.weight"]
+        )
 
 
 def test_xvlm_base_has_x_vlms_geometry_and_says_it_is_random():
@@ -296,6 +321,7 @@ def test_the_packaged_tokenizer_is_bert_base_uncased():
 
 # ---------------------------------------------------------------- CMP (X-VLM + pooled ITC heads + pose branch)
 
+
 def _cmp_cfg(**overrides) -> M.ModelConfig:
     """xvlm-tiny with the cmp preset's ITC heads and text pipeline."""
     return _cfg(itc_head="cmp", embed_dim=24, **{**M.CMP_TEXT, **overrides})
@@ -320,14 +346,15 @@ def to_cmp(model: M.XVLMModel) -> dict[str, torch.Tensor]:
 def test_cmp_heads_pool_the_tokens_as_cmp_does():
     model = _model(0, _cmp_cfg())
     assert [type(m) for m in model.vision_proj] == [torch.nn.BatchNorm1d, torch.nn.Dropout, torch.nn.Linear]
-    assert model.vision_proj[0].num_features == 3 * model.vision_width            # 3 pooled patch groups
+    assert model.vision_proj[0].num_features == 3 * model.vision_width  # 3 pooled patch groups
     assert model.text_proj[0].num_features == 4 * model.text_encoder.config.hidden_size  # CLS + 3 groups
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         embeds, feat = model.encode_image(images)
         patches = embeds[:, 1:]  # models/cmp.py: avgpool(3) over the tokens after CLS, concatenated
-        groups = torch.cat([torch.nn.functional.adaptive_avg_pool1d(patches.transpose(1, 2), 3)[..., i]
-                            for i in range(3)], dim=1)
+        groups = torch.cat(
+            [torch.nn.functional.adaptive_avg_pool1d(patches.transpose(1, 2), 3)[..., i] for i in range(3)], dim=1
+        )
         expected = torch.nn.functional.normalize(model.vision_proj(groups), dim=-1)
     torch.testing.assert_close(feat, expected)
 
@@ -335,8 +362,13 @@ def test_cmp_heads_pool_the_tokens_as_cmp_does():
 def test_cmp_text_pipeline_pads_to_56_because_cmp_pools_padding():
     cfg = M.ModelConfig.from_preset("cmp")
     text = M.build_text_pipeline(M.ModelConfig.from_preset("xvlm-tiny", **M.CMP_TEXT))
-    assert (cfg.caption_clean, cfg.max_words, cfg.trailing_sep, cfg.max_tokens, cfg.pad_to_max_tokens) == \
-        ("pre_caption", 56, True, 56, True)
+    assert (cfg.caption_clean, cfg.max_words, cfg.trailing_sep, cfg.max_tokens, cfg.pad_to_max_tokens) == (
+        "pre_caption",
+        56,
+        True,
+        56,
+        True,
+    )
     tokens = text(["A man, lying.", CAPTIONS[1]])
     cleaned = text.tokenizer("a man lying")["input_ids"]  # pre_caption: lower case, no punctuation
     assert tokens["input_ids"].shape == (2, 56) and tokens["input_ids"][0, :5].tolist() == cleaned

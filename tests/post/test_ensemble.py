@@ -23,8 +23,9 @@ from tpas.schema import (
 from tpas.submission import SubmitConfig, run_submit_stage
 
 
-def stage(root: Path, name: str, lists: dict[str, list[tuple[str, float]]], gt: dict[str, str] | None = None,
-          itm: bool = True) -> Path:
+def stage(
+    root: Path, name: str, lists: dict[str, list[tuple[str, float]]], gt: dict[str, str] | None = None, itm: bool = True
+) -> Path:
     """Write a stage dir: per query, (image, score) best first; itc = 2 × score, itm = score - 1 (or NaN)."""
     d = root / name
     q = [qi for qi, rows in lists.items() for _ in rows]
@@ -34,8 +35,9 @@ def stage(root: Path, name: str, lists: dict[str, list[tuple[str, float]]], gt: 
     itm_values = score - 1 if itm else np.full(len(score), np.nan)
     write_parquet(d / "candidates.parquet", candidates_frame(q, images, 2 * score, itm_values, score, rank))
     ids = list(lists)
-    write_parquet(d / "queries.parquet", queries_frame(ids, [f"caption {i}" for i in ids],
-                                                       [gt[i] for i in ids] if gt else None))
+    write_parquet(
+        d / "queries.parquet", queries_frame(ids, [f"caption {i}" for i in ids], [gt[i] for i in ids] if gt else None)
+    )
     return d
 
 
@@ -53,8 +55,23 @@ TRUTH = {"q1": "b", "q2": "x"}
 def test_fusion_fixes_what_each_model_gets_wrong(tmp_path, capsys):
     a, b = stage(tmp_path, "a", MODEL_A, TRUTH), stage(tmp_path, "b", MODEL_B, TRUTH)
     out = tmp_path / "fused"
-    result = CliRunner().invoke(main, ["--input-dir", str(a), "--input-dir", str(b), "--weight", "1", "--weight", "1",
-                                       "--normalize", "none", "--output-dir", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "--input-dir",
+            str(a),
+            "--input-dir",
+            str(b),
+            "--weight",
+            "1",
+            "--weight",
+            "1",
+            "--normalize",
+            "none",
+            "--output-dir",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "ensemble: 2 inputs" in result.output
     lists = fused_lists(out)
@@ -83,17 +100,21 @@ def test_metrics_json_equals_ranking_metrics_of_inputs_and_output(tmp_path):
     truth = {q: f"g{rng.integers(0, 50)}" for q in ids if rng.random() < 0.7}  # g40..g49 are in no list
     dirs = []
     for name in ("a", "b"):
-        lists = {q: list(zip((f"g{g}" for g in rng.choice(40, 12, replace=False)), -np.sort(-rng.normal(size=12))))
-                 for q in ids}
+        lists = {
+            q: list(zip((f"g{g}" for g in rng.choice(40, 12, replace=False)), -np.sort(-rng.normal(size=12))))
+            for q in ids
+        }
         dirs.append(stage(tmp_path, name, lists))
         queries_frame(ids, [f"caption {i}" for i in ids], [truth.get(q) for q in ids]).to_parquet(
-            dirs[-1] / "queries.parquet")
+            dirs[-1] / "queries.parquet"
+        )
     out = tmp_path / "fused"
     run_ensemble(EnsembleConfig(input_dir=dirs, output_dir=out, k=15))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["ensemble"] == ranking_metrics(read_candidates(out), truth)
     assert [{k: v for k, v in m.items() if k not in ("dir", "weight")} for m in metrics["inputs"]] == [
-        ranking_metrics(read_candidates(d), truth) for d in dirs]
+        ranking_metrics(read_candidates(d), truth) for d in dirs
+    ]
 
 
 def test_normalisation_matches_hand_computation():
@@ -144,8 +165,10 @@ def test_missing_pair_gets_the_models_minimum(tmp_path):
 
 def test_single_input_weight_one_reproduces_its_ranking(tmp_path):
     rng = np.random.default_rng(0)
-    lists = {f"q{i}": sorted(((f"img{j}", float(s)) for j, s in enumerate(rng.normal(size=12))), key=lambda t: -t[1])
-             for i in range(4)}
+    lists = {
+        f"q{i}": sorted(((f"img{j}", float(s)) for j, s in enumerate(rng.normal(size=12))), key=lambda t: -t[1])
+        for i in range(4)
+    }
     src = stage(tmp_path, "m", lists, gt={q: rows[3][0] for q, rows in lists.items()})
     out = tmp_path / "out"
     run_ensemble(EnsembleConfig(input_dir=[src], weight=[1.0], normalize="none", output_dir=out))
@@ -159,8 +182,14 @@ def test_output_is_a_stage_dir_that_submit_consumes(tmp_path):
     lists_a = {f"q{i}": [(f"g{(i + j) % 15}", 1.0 - j / 12) for j in range(12)] for i in range(3)}
     lists_b = {f"q{i}": [(f"g{(i + 2 * j) % 15}", 5.0 - j) for j in range(12)] for i in range(3)}
     out = tmp_path / "fused"
-    run_ensemble(EnsembleConfig(input_dir=[stage(tmp_path, "a", lists_a), stage(tmp_path, "b", lists_b)],
-                                weight=[0.7, 0.3], k=12, output_dir=out))
+    run_ensemble(
+        EnsembleConfig(
+            input_dir=[stage(tmp_path, "a", lists_a), stage(tmp_path, "b", lists_b)],
+            weight=[0.7, 0.3],
+            k=12,
+            output_dir=out,
+        )
+    )
     cand = read_candidates(out)
     assert list(cand.columns) == CANDIDATE_COLUMNS
     assert cand.dtypes.to_dict() == candidates_frame([], [], [], [], [], []).dtypes.to_dict()
@@ -174,13 +203,16 @@ def test_output_is_a_stage_dir_that_submit_consumes(tmp_path):
     assert lines[0].split() == fused_lists(out)["q0"][:10]
 
 
-@pytest.mark.parametrize("make_config,fragment", [
-    (lambda a, b, c: EnsembleConfig(input_dir=[a, c]), "query set differs"),
-    (lambda a, b, c: EnsembleConfig(input_dir=[a, b], weight=[1.0]), "1 --weight value(s) for 2"),
-    (lambda a, b, c: EnsembleConfig(input_dir=[a, b], weight=[0.0, 0.0]), "every --weight is 0"),
-    (lambda a, b, c: EnsembleConfig(input_dir=[a, b], column="itm"), "NaN everywhere"),
-    (lambda a, b, c: EnsembleConfig(input_dir=[a, b / "nope"]), "file not found"),
-])
+@pytest.mark.parametrize(
+    "make_config,fragment",
+    [
+        (lambda a, b, c: EnsembleConfig(input_dir=[a, c]), "query set differs"),
+        (lambda a, b, c: EnsembleConfig(input_dir=[a, b], weight=[1.0]), "1 --weight value(s) for 2"),
+        (lambda a, b, c: EnsembleConfig(input_dir=[a, b], weight=[0.0, 0.0]), "every --weight is 0"),
+        (lambda a, b, c: EnsembleConfig(input_dir=[a, b], column="itm"), "NaN everywhere"),
+        (lambda a, b, c: EnsembleConfig(input_dir=[a, b / "nope"]), "file not found"),
+    ],
+)
 def test_bad_inputs_raise_one_clear_error(tmp_path, make_config, fragment):
     a = stage(tmp_path, "a", MODEL_A)
     b = stage(tmp_path, "b", MODEL_B, itm=False)
@@ -246,8 +278,9 @@ def test_matches_a_plain_pandas_fusion_on_random_inputs(tmp_path, method):
         lists = {}
         for i in range(12):
             images = rng.choice(40, size=int(rng.integers(10, 13)), replace=False)
-            lists[f"q{i:02d}"] = sorted(((f"g{j}", float(s)) for j, s in zip(images, rng.normal(size=len(images)))),
-                                        key=lambda t: -t[1])
+            lists[f"q{i:02d}"] = sorted(
+                ((f"g{j}", float(s)) for j, s in zip(images, rng.normal(size=len(images)))), key=lambda t: -t[1]
+            )
         dirs.append(stage(tmp_path, f"m{m}", lists))
         frames.append(read_candidates(dirs[-1]))
     weights = [0.5, 0.3, 0.2]

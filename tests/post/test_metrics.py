@@ -32,17 +32,24 @@ def cmp_reference(scores: np.ndarray, gt_index: list[list[int]], max_rank: int =
     inp = [tmp_cmc[i][np.flatnonzero(row)[-1]] / (np.flatnonzero(row)[-1] + 1.0) for i, row in enumerate(matches)]
     tmp_cmc = tmp_cmc / np.arange(1, scores.shape[1] + 1) * matches
     ap = tmp_cmc.sum(1) / num_rel
-    return {"R@1": all_cmc[0], "R@5": all_cmc[4], "R@10": all_cmc[9],
-            "mAP": ap.mean() * 100, "mINP": np.mean(inp) * 100}
+    return {
+        "R@1": all_cmc[0],
+        "R@5": all_cmc[4],
+        "R@10": all_cmc[9],
+        "mAP": ap.mean() * 100,
+        "mINP": np.mean(inp) * 100,
+    }
 
 
 def test_hand_computed_ranking_metrics():
-    cands = candidates({
-        "q1": ["a", "X", "b", "c"],          # true X at rank 2: AP 1/2, INP 1/2
-        "q2": ["X", "a", "Y", "b"],          # true X, Y at ranks 1, 3: AP (1/1 + 2/3)/2, INP 2/3
-        "q3": ["a", "b", "c", "d", "e", "f"],  # true Z not listed: miss
-        "q9": ["X"],                         # no ground truth: ignored
-    })
+    cands = candidates(
+        {
+            "q1": ["a", "X", "b", "c"],  # true X at rank 2: AP 1/2, INP 1/2
+            "q2": ["X", "a", "Y", "b"],  # true X, Y at ranks 1, 3: AP (1/1 + 2/3)/2, INP 2/3
+            "q3": ["a", "b", "c", "d", "e", "f"],  # true Z not listed: miss
+            "q9": ["X"],  # no ground truth: ignored
+        }
+    )
     gt = {"q1": "X", "q2": ["X", "Y"], "q3": "Z", "q4": "X"}  # q4 has no candidates: miss
     m = ranking_metrics(cands, gt)
     assert m["queries"] == 4
@@ -57,7 +64,7 @@ def test_partially_retrieved_multi_match_is_a_lower_bound():
     m = ranking_metrics(candidates({"q": ["X", "a", "b"]}), {"q": {"X", "Y"}})
     assert m["R@1"] == 100.0
     assert m["mAP"] == pytest.approx(50.0)  # (1/1 + 0) / 2: the unlisted Y adds nothing
-    assert m["mINP"] == 0.0                 # the hardest match's rank is unknown
+    assert m["mINP"] == 0.0  # the hardest match's rank is unknown
 
 
 def test_missing_ground_truth_query_counts_as_miss():
@@ -72,7 +79,7 @@ def test_matrix_ties_are_pessimistic():
     m = matrix_metrics(scores, [2])
     assert (m["R@1"], m["R@5"]) == (0.0, 100.0)
     assert m["mAP"] == pytest.approx(100 / 3)  # the tied wrong image (col 3) goes first
-    two = matrix_metrics(scores, [[2, 3]])      # tied true images: ranks 2 and 3
+    two = matrix_metrics(scores, [[2, 3]])  # tied true images: ranks 2 and 3
     assert two["mAP"] == pytest.approx((1 / 2 + 2 / 3) / 2 * 100)
     assert two["mINP"] == pytest.approx(2 / 3 * 100)
     assert matrix_metrics(np.zeros((1, 5)), [0])["R@1"] == 0.0  # a constant scorer earns nothing

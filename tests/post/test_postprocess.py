@@ -59,7 +59,9 @@ def pair_embeddings(cosines: list[float]) -> np.ndarray:
 def test_paper_example_two_similar_queries():
     # Two near-identical captions share top-1 A; the less confident one (q2) moves to its 2nd choice.
     cands = make({"q1": [("A", 0.9), ("C", 0.5), ("D", 0.4)], "q2": [("A", 0.8), ("B", 0.7), ("E", 0.3)]})
-    qs = queries(["q1", "q2"], ["a man in a red jacket lying on the ground", "a man in a red jacket is lying on the ground"])
+    qs = queries(
+        ["q1", "q2"], ["a man in a red jacket lying on the ground", "a man in a red jacket is lying on the ground"]
+    )
     new, log = apply_methods(cands, qs, ["sca"], PostprocessConfig(), embeddings=pair_embeddings([0.97]))
     assert as_lists(new) == {"q1": ["A", "C", "D"], "q2": ["B", "A", "E"]}
     assert log[["method", "query_index", "old_image", "new_image"]].values.tolist() == [["sca", "q2", "A", "B"]]
@@ -74,9 +76,13 @@ def test_assign_resolves_cyclic_conflict_to_the_optimum():
     # All three want A. Score given up: q1→B 0.1; q2→B 1.0 or C 1.5; q3→C 0.2 or B 0.15.
     # Keeper q1: 1.2 (q2→B, q3→C); keeper q3: 1.6; keeper q2: 0.3 (q1→B, q3→C), the optimum.
     # Confidence alone (SCA's rule) cannot tell them apart: all score A at 5.0.
-    cands = make({"q1": [("A", 5.0), ("B", 4.9), ("D", 1.0)],
-                  "q2": [("A", 5.0), ("B", 4.0), ("C", 3.5)],
-                  "q3": [("A", 5.0), ("B", 4.85), ("C", 4.8)]})
+    cands = make(
+        {
+            "q1": [("A", 5.0), ("B", 4.9), ("D", 1.0)],
+            "q2": [("A", 5.0), ("B", 4.0), ("C", 3.5)],
+            "q3": [("A", 5.0), ("B", 4.85), ("C", 4.8)],
+        }
+    )
     qs = queries(["q1", "q2", "q3"])
     new, log = apply_methods(cands, qs, ["assign"], PostprocessConfig(assign_margin=2.0))
     assert as_lists(new) == {"q1": ["B", "A", "D"], "q2": ["A", "B", "C"], "q3": ["C", "A", "B"]}
@@ -85,11 +91,19 @@ def test_assign_resolves_cyclic_conflict_to_the_optimum():
     # Scores stay with their pairs.
     assert new_scores(new) == new_scores(cands)
     # Brute force over every way to give the three queries distinct images agrees.
-    options = {q: dict(items) for q, items in {"q1": [("A", 5.0), ("B", 4.9), ("D", 1.0)],
-                                               "q2": [("A", 5.0), ("B", 4.0), ("C", 3.5)],
-                                               "q3": [("A", 5.0), ("B", 4.85), ("C", 4.8)]}.items()}
-    best = min((sum(5.0 - options[q][img] for q, img in zip(options, pick)), pick)
-               for pick in permutations(["A", "B", "C", "D"], 3) if all(i in options[q] for q, i in zip(options, pick)))
+    options = {
+        q: dict(items)
+        for q, items in {
+            "q1": [("A", 5.0), ("B", 4.9), ("D", 1.0)],
+            "q2": [("A", 5.0), ("B", 4.0), ("C", 3.5)],
+            "q3": [("A", 5.0), ("B", 4.85), ("C", 4.8)],
+        }.items()
+    }
+    best = min(
+        (sum(5.0 - options[q][img] for q, img in zip(options, pick)), pick)
+        for pick in permutations(["A", "B", "C", "D"], 3)
+        if all(i in options[q] for q, i in zip(options, pick))
+    )
     assert list(best[1]) == [as_lists(new)[q][0] for q in ("q1", "q2", "q3")]
 
 
@@ -110,10 +124,7 @@ def dense(scores: np.ndarray) -> pd.DataFrame:
 
 def test_dual_softmax_gives_the_hub_to_its_owner_and_matches_dense_reference():
     # g0 is everyone's top-1, but q0 scores it far higher than anyone: it is q0's.
-    scores = np.array([[6.0, 1.0, 0.5, 0.0],
-                       [4.0, 3.8, 1.0, 0.2],
-                       [4.0, 0.5, 3.7, 1.0],
-                       [3.9, 1.0, 0.3, 3.6]])
+    scores = np.array([[6.0, 1.0, 0.5, 0.0], [4.0, 3.8, 1.0, 0.2], [4.0, 0.5, 3.7, 1.0], [3.9, 1.0, 0.3, 3.6]])
     ids = [f"q{i}" for i in range(4)]
     cands = dense(scores)
     assert {q: lst[0] for q, lst in as_lists(cands).items()} == dict.fromkeys(ids, "g0")
@@ -153,11 +164,18 @@ def test_rerank_prefers_the_reciprocal_neighbour():
     # R(q1)={B}, R(q2)={A,C}, R(q3)={A,B}; w_A={A:.5,B:.25,C:.25}, w_B={A:.25,B:.75}, w_C={A:.5,C:.5}.
     # J = m/(2-m) with m = Σ min(u_q, w_g): J(q1,A)=1/7, J(q1,B)=.6, J(q2,A)=.6, J(q2,C)=1, J(q3,·)=.6.
     cands = make({"q1": [("A", 0.9), ("B", 0.8)], "q2": [("A", 0.95), ("C", 0.7)], "q3": [("A", 0.99), ("B", 0.85)]})
-    new, log = apply_methods(cands, queries(["q1", "q2", "q3"]), ["rerank"],
-                             PostprocessConfig(rerank_k=2, rerank_lambda=1.0))
+    new, log = apply_methods(
+        cands, queries(["q1", "q2", "q3"]), ["rerank"], PostprocessConfig(rerank_k=2, rerank_lambda=1.0)
+    )
     got = new_scores(new)
-    expected = {("q1", "A"): 0.9 + 1 / 7, ("q1", "B"): 0.8 + 0.6, ("q2", "A"): 0.95 + 0.6, ("q2", "C"): 0.7 + 1.0,
-                ("q3", "A"): 0.99 + 0.6, ("q3", "B"): 0.85 + 0.6}
+    expected = {
+        ("q1", "A"): 0.9 + 1 / 7,
+        ("q1", "B"): 0.8 + 0.6,
+        ("q2", "A"): 0.95 + 0.6,
+        ("q2", "C"): 0.7 + 1.0,
+        ("q3", "A"): 0.99 + 0.6,
+        ("q3", "B"): 0.85 + 0.6,
+    }
     assert got == pytest.approx(expected, abs=1e-6)
     assert as_lists(new) == {"q1": ["B", "A"], "q2": ["C", "A"], "q3": ["A", "B"]}
     assert sorted(log["query_index"]) == ["q1", "q2"]
@@ -169,8 +187,10 @@ def test_rerank_prefers_the_reciprocal_neighbour():
 def test_composition_writes_valid_schema_and_logs_each_method():
     rng = np.random.default_rng(1)
     ids = [f"q{i:02d}" for i in rng.permutation(30)]
-    lists = {q: [(f"img{g}", float(s)) for g, s in zip(rng.choice(12, 8, replace=False), np.sort(rng.random(8) * 5)[::-1])]
-             for q in ids}
+    lists = {
+        q: [(f"img{g}", float(s)) for g, s in zip(rng.choice(12, 8, replace=False), np.sort(rng.random(8) * 5)[::-1])]
+        for q in ids
+    }
     cands = make(lists).sample(frac=1, random_state=0)  # rows shuffled on input
     emb = np.repeat(np.eye(6, dtype=np.float32), 5, axis=0) + rng.normal(scale=0.01, size=(30, 6)).astype(np.float32)
     qs = queries(ids)
@@ -183,8 +203,13 @@ def test_composition_writes_valid_schema_and_logs_each_method():
     # By hand: q1 and q2 (similar captions) still share S after dual-softmax; sca then moves q2,
     # the less confident by the dual-softmax scores it receives, log p(S|q) + log p(q|S).
     small = make({"q1": [("S", 5.0), ("V", 1.0)], "q2": [("S", 4.9), ("T", 4.0)], "q3": [("T", 6.0), ("U", 1.0)]})
-    out, log = apply_methods(small, queries(["q1", "q2", "q3"]), ["dual-softmax", "sca"],
-                             PostprocessConfig(combine="cos"), embeddings=np.array([[1, 0], [1, 0.01], [0, 1]], dtype=np.float32))
+    out, log = apply_methods(
+        small,
+        queries(["q1", "q2", "q3"]),
+        ["dual-softmax", "sca"],
+        PostprocessConfig(combine="cos"),
+        embeddings=np.array([[1, 0], [1, 0.01], [0, 1]], dtype=np.float32),
+    )
     assert as_lists(out) == {"q1": ["S", "V"], "q2": ["T", "S"], "q3": ["T", "U"]}
     assert log[["method", "query_index", "old_image", "new_image"]].values.tolist() == [["sca", "q2", "S", "T"]]
     dual_q2_s = (4.9 - np.logaddexp(4.9, 4.0)) + (4.9 - np.logaddexp(5.0, 4.9))
@@ -193,8 +218,9 @@ def test_composition_writes_valid_schema_and_logs_each_method():
     # Every method on its own and all chained keep the (query, image) pairs.
     for methods in (["assign"], ["inverted-softmax"], ["rerank"], ["sca", "assign", "rerank", "dual-softmax"]):
         out, log = apply_methods(cands, qs, methods, PostprocessConfig(), embeddings=emb)
-        assert len(out) == len(cands) and set(map(tuple, out[["query_index", "image"]].values)) == \
-            set(map(tuple, cands[["query_index", "image"]].values))
+        assert len(out) == len(cands) and set(map(tuple, out[["query_index", "image"]].values)) == set(
+            map(tuple, cands[["query_index", "image"]].values)
+        )
         assert out.groupby("query_index")["rank"].apply(list).tolist() == [list(range(1, 9))] * 30
         assert set(log["method"]) <= set(methods)
     with pytest.raises(TpasError, match="--method"):
@@ -284,15 +310,23 @@ def test_tune_picks_the_known_best_threshold_and_params_reload(tmp_path):
     val.mkdir()
     cands.to_parquet(val / "candidates.parquet")
     qs.to_parquet(val / "queries.parquet")
-    run_sca_stage(SCAStageConfig(input_dir=val, output_dir=tmp_path / "sca", tune=val, combine="cos",
-                                 method="sca,assign", cache_dir=None), encoder=Lookup())
+    run_sca_stage(
+        SCAStageConfig(
+            input_dir=val, output_dir=tmp_path / "sca", tune=val, combine="cos", method="sca,assign", cache_dir=None
+        ),
+        encoder=Lookup(),
+    )
     data = json.loads((tmp_path / "sca" / "tuned.json").read_text())
     assert data["methods"] == ["sca", "assign"] and data["params"]["cos_threshold"] == 0.85
     assert set(data["grid"]) == {"sca", "assign"} and len(data["grid"]["sca"]) == 15
     loaded, methods = load_params(tmp_path / "sca" / "tuned.json")
     assert loaded.cos_threshold == 0.85 and methods == ["sca", "assign"]
-    summary = run_sca_stage(SCAStageConfig(input_dir=val, output_dir=tmp_path / "test",
-                                           params=tmp_path / "sca" / "tuned.json", cache_dir=None), encoder=Lookup())
+    summary = run_sca_stage(
+        SCAStageConfig(
+            input_dir=val, output_dir=tmp_path / "test", params=tmp_path / "sca" / "tuned.json", cache_dir=None
+        ),
+        encoder=Lookup(),
+    )
     assert summary["methods"] == ["sca", "assign"]
     assert summary["metrics"]["after"]["R@1"] == pytest.approx(data["final"]["R@1"])
     changes = pd.read_csv(tmp_path / "test" / "changes.csv")

@@ -48,8 +48,7 @@ def test_paper_example_less_confident_query_moves(encoder):
     captions = [RED, RED2]
     groups = query_groups(captions, SCAConfig(), encoder=encoder)
     assert groups[0] == groups[1]
-    cands = make({"q1": [("A", 0.9), ("C", 0.5), ("D", 0.4)],
-                  "q2": [("A", 0.8), ("B", 0.7), ("E", 0.3)]})
+    cands = make({"q1": [("A", 0.9), ("C", 0.5), ("D", 0.4)], "q2": [("A", 0.8), ("B", 0.7), ("E", 0.3)]})
     new, changes = apply_sca(cands, groups, ["q1", "q2"], SCAConfig())
     assert as_lists(new) == {"q1": ["A", "C", "D"], "q2": ["B", "A", "E"]}  # A re-inserted at rank 2
     assert len(changes) == 1
@@ -61,12 +60,15 @@ def test_paper_example_less_confident_query_moves(encoder):
 
 
 def test_query_groups_with_packaged_encoder(encoder):
-    captions = [RED, RED2,
-                "a woman in a blue dress walking a dog in the park",
-                "a woman wearing a blue dress walks her dog in the park",
-                "an elderly man sitting on a bench reading a newspaper",
-                RED,
-                "a man in a black coat lying on the ground"]
+    captions = [
+        RED,
+        RED2,
+        "a woman in a blue dress walking a dog in the park",
+        "a woman wearing a blue dress walks her dog in the park",
+        "an elderly man sitting on a bench reading a newspaper",
+        RED,
+        "a man in a black coat lying on the ground",
+    ]
     groups = query_groups(captions, SCAConfig(combine="cos"), encoder=encoder)
     assert partition(groups) == {frozenset({0, 1, 5}), frozenset({2, 3}), frozenset({4}), frozenset({6})}
     assert list(groups[:3]) == [0, 0, 1]  # numbered by first appearance
@@ -75,15 +77,21 @@ def test_query_groups_with_packaged_encoder(encoder):
 def test_dissimilar_queries_sharing_top1_are_untouched():
     cands = make({"q1": [("A", 0.9), ("B", 0.1)], "q2": [("A", 0.8), ("C", 0.7)]})
     new, changes = apply_sca(cands, np.array([0, 1]), ["q1", "q2"], SCAConfig())
-    assert changes.empty and list(changes.columns) == ["query_index", "old_image", "new_image", "old_score",
-                                                       "new_score", "delta", "round", "group"]
+    assert changes.empty and list(changes.columns) == [
+        "query_index",
+        "old_image",
+        "new_image",
+        "old_score",
+        "new_score",
+        "delta",
+        "round",
+        "group",
+    ]
     pd.testing.assert_frame_equal(new, cands)
 
 
 def test_three_way_conflict():
-    cands = make({"q1": [("A", 0.7), ("B", 0.6)],
-                  "q2": [("A", 0.9), ("C", 0.5)],
-                  "q3": [("A", 0.8), ("D", 0.2)]})
+    cands = make({"q1": [("A", 0.7), ("B", 0.6)], "q2": [("A", 0.9), ("C", 0.5)], "q3": [("A", 0.8), ("D", 0.2)]})
     new, changes = apply_sca(cands, np.zeros(3, dtype=int), ["q1", "q2", "q3"], SCAConfig())
     assert as_lists(new) == {"q1": ["B", "A"], "q2": ["A", "C"], "q3": ["D", "A"]}
     assert sorted(changes["query_index"]) == ["q1", "q3"] and set(changes["round"]) == {1}
@@ -98,10 +106,14 @@ def test_equal_confidence_goes_to_earlier_query():
 def test_chain_reaction_resolved_across_rounds():
     # Round 1: q2 and q3 lose A to q1 and both move to B. Round 2: q3 is surer of B; q2 skips the
     # held A and C (q4's top-1) and lands on D; B, given up, becomes its rank 2.
-    cands = make({"q1": [("A", 0.9)],
-                  "q2": [("A", 0.8), ("B", 0.6), ("C", 0.5), ("D", 0.4)],
-                  "q3": [("A", 0.7), ("B", 0.65), ("E", 0.1)],
-                  "q4": [("C", 0.9), ("F", 0.1)]})
+    cands = make(
+        {
+            "q1": [("A", 0.9)],
+            "q2": [("A", 0.8), ("B", 0.6), ("C", 0.5), ("D", 0.4)],
+            "q3": [("A", 0.7), ("B", 0.65), ("E", 0.1)],
+            "q4": [("C", 0.9), ("F", 0.1)],
+        }
+    )
     new, changes = apply_sca(cands, np.zeros(4, dtype=int), ["q1", "q2", "q3", "q4"], SCAConfig())
     assert as_lists(new) == {"q1": ["A"], "q2": ["D", "B", "A", "C"], "q3": ["B", "A", "E"], "q4": ["C", "F"]}
     log = changes.sort_values(["round", "query_index"])[["query_index", "old_image", "new_image", "round"]]
@@ -110,8 +122,13 @@ def test_chain_reaction_resolved_across_rounds():
 
 
 def test_moves_only_within_top_k_and_stays_when_nothing_is_free():
-    cands = make({"q1": [("A", 0.9), ("B", 0.8), ("C", 0.1)], "q2": [("A", 0.5), ("B", 0.4), ("C", 0.3)],
-                  "q3": [("B", 0.9), ("C", 0.2)]})
+    cands = make(
+        {
+            "q1": [("A", 0.9), ("B", 0.8), ("C", 0.1)],
+            "q2": [("A", 0.5), ("B", 0.4), ("C", 0.3)],
+            "q3": [("B", 0.9), ("C", 0.2)],
+        }
+    )
     new, changes = apply_sca(cands, np.zeros(3, dtype=int), ["q1", "q2", "q3"], SCAConfig(top_k=2))
     assert changes.empty  # q2's only top-2 alternative, B, is q3's top-1; C lies beyond top_k
     new, _ = apply_sca(cands, np.zeros(3, dtype=int), ["q1", "q2", "q3"], SCAConfig(top_k=3))
@@ -121,8 +138,10 @@ def test_moves_only_within_top_k_and_stays_when_nothing_is_free():
 def test_output_keeps_schema_order_and_pair_scores():
     rng = np.random.default_rng(3)
     order = [f"q{i}" for i in rng.permutation(40)]
-    lists = {q: [(f"img{g}", float(s)) for g, s in zip(rng.choice(8, 6, replace=False), np.sort(rng.random(6))[::-1])]
-             for q in order}
+    lists = {
+        q: [(f"img{g}", float(s)) for g, s in zip(rng.choice(8, 6, replace=False), np.sort(rng.random(6))[::-1])]
+        for q in order
+    }
     cands = make(lists).sample(frac=1, random_state=0)  # rows shuffled on input
     groups = rng.integers(0, 5, size=len(order))
     new, changes = apply_sca(cands, groups, order, SCAConfig())
@@ -146,10 +165,12 @@ def test_sca_raises_r1_with_ground_truth():
 
 
 def test_combine_picks_which_similarity_makes_an_edge():
-    captions = [RED,
-                "lying on the ground, a man in a red jacket",  # same words as 0 (fuzzy 100); embedding far
-                "a woman walking her dog in a sunny park",     # different words; embedding close to 0
-                RED2]                                          # close to 0 both ways
+    captions = [
+        RED,
+        "lying on the ground, a man in a red jacket",  # same words as 0 (fuzzy 100); embedding far
+        "a woman walking her dog in a sunny park",  # different words; embedding close to 0
+        RED2,
+    ]  # close to 0 both ways
     emb = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0.3], [1, 0.1, 0]], dtype=np.float32)
 
     def groups(combine: str) -> set[frozenset[int]]:
@@ -200,7 +221,7 @@ def reference_sca(lists, scores, groups, order, top_k):
         for i, p in moves:
             lst = cur[order[i]]
             log.append((order[i], lst[0], lst[p], rnd))
-            cur[order[i]] = [lst[p]] + lst[:p] + lst[p + 1:]
+            cur[order[i]] = [lst[p]] + lst[:p] + lst[p + 1 :]
     return cur, sorted(log)
 
 
@@ -234,7 +255,9 @@ def test_config_rejects_bad_values():
 def test_array_conflict_count_matches_frame_version_and_config_checks_new_flags():
     rng = np.random.default_rng(5)
     order = [f"q{i}" for i in range(60)]
-    cands = make({q: [(f"img{g}", 1.0 - 0.1 * r) for r, g in enumerate(rng.choice(6, 3, replace=False))] for q in order})
+    cands = make(
+        {q: [(f"img{g}", 1.0 - 0.1 * r) for r, g in enumerate(rng.choice(6, 3, replace=False))] for q in order}
+    )
     groups = rng.integers(0, 8, size=60)
     lists = to_lists(cands, order)
     assert top1_conflicts_arrays(lists.img, groups) == top1_conflicts(cands, groups, order) > 0
@@ -265,7 +288,8 @@ def test_encoder_loads_with_no_network_and_leaves_hub_settings_alone():
     import sys
 
     # A fresh process: in this one conftest has already made huggingface_hub offline for good.
-    result = subprocess.run([sys.executable, "-c", OFFLINE_LOAD], capture_output=True, text=True, timeout=300,
-                            check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", OFFLINE_LOAD], capture_output=True, text=True, timeout=300, check=False
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split("\n")[-2] == "[] None"  # no connection tried; HF_HUB_OFFLINE still unset

@@ -30,12 +30,16 @@ from tpas.train.loop import training_step
 WORLD = 2
 # Rank 1's captions are longer (the ranks pad to different lengths); caption 5 repeats caption 1,
 # so a positive pair spans the two ranks.
-CAPTIONS = ["a man in red is walking", "a woman in blue lying down", "a boy in green runs",
-            "a girl in black falls over",
-            "an old man in a long grey coat and a hat is crouching in pain by the road",
-            "a woman in blue lying down",
-            "a tall young woman in a yellow dress and white shoes is waving at someone",
-            "a child in an orange jacket and blue jeans is playing football on the grass"]
+CAPTIONS = [
+    "a man in red is walking",
+    "a woman in blue lying down",
+    "a boy in green runs",
+    "a girl in black falls over",
+    "an old man in a long grey coat and a hat is crouching in pain by the road",
+    "a woman in blue lying down",
+    "a tall young woman in a yellow dress and white shoes is waving at someone",
+    "a child in an orange jacket and blue jeans is playing football on the grass",
+]
 
 
 def _tiny() -> tuple[model_lib.RetrievalModel, object]:
@@ -53,13 +57,15 @@ def _batch(tokenizer: object, rows: slice) -> dict[str, torch.Tensor]:
 def one_step(net: torch.nn.Module, model: model_lib.RetrievalModel, batch: dict, runtime: Runtime) -> dict[str, float]:
     model.eval()
     torch.manual_seed(123)  # the ITM negatives' uniforms: one per global row, the same in every process
-    return training_step(net, [batch], torch.optim.SGD(model.parameters(), lr=1.0),
-                         torch.amp.GradScaler("cpu", enabled=False), runtime)
+    return training_step(
+        net, [batch], torch.optim.SGD(model.parameters(), lr=1.0), torch.amp.GradScaler("cpu", enabled=False), runtime
+    )
 
 
 def _worker(rank: int, port: int, out: Path, data_root: Path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
@@ -67,12 +73,29 @@ def _worker(rank: int, port: int, out: Path, data_root: Path) -> None:
         per_rank = len(CAPTIONS) // WORLD
         runtime = resolve_runtime("cpu", "fp32")
         assert (runtime.rank, runtime.world_size) == (rank, WORLD)
-        losses = one_step(DistributedDataParallel(model), model, _batch(tokenizer, slice(rank * per_rank, (rank + 1) * per_rank)),
-                          runtime)
+        losses = one_step(
+            DistributedDataParallel(model),
+            model,
+            _batch(tokenizer, slice(rank * per_rank, (rank + 1) * per_rank)),
+            runtime,
+        )
         torch.save({"losses": losses, "state": model.state_dict()}, out / f"rank{rank}.pt")
         # the whole loop under a process group: sharded sampler, DDP, rank-0 validation and files
-        summary = train(TrainConfig(data_root=data_root, model="tiny", subset=24, val_size=8, batch_size=4, epochs=1,
-                                    runs_dir=out / "runs", name="ddp", workers=0, progress=False, threads=1))
+        summary = train(
+            TrainConfig(
+                data_root=data_root,
+                model="tiny",
+                subset=24,
+                val_size=8,
+                batch_size=4,
+                epochs=1,
+                runs_dir=out / "runs",
+                name="ddp",
+                workers=0,
+                progress=False,
+                threads=1,
+            )
+        )
         (out / f"summary{rank}.json").write_text(json.dumps(summary))
     finally:
         dist.destroy_process_group()
@@ -94,8 +117,13 @@ def data_root(tmp_path: Path) -> Path:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
 def test_two_ranks_train_like_one_process_on_the_global_batch(tmp_path: Path, data_root: Path) -> None:
     # fork (where there is one) skips re-importing torch and transformers in each process: ~2x less CPU
-    mp.start_processes(_worker, args=(_free_port(), tmp_path, data_root), nprocs=WORLD, join=True,
-                       start_method="fork" if sys.platform == "linux" else "spawn")
+    mp.start_processes(
+        _worker,
+        args=(_free_port(), tmp_path, data_root),
+        nprocs=WORLD,
+        join=True,
+        start_method="fork" if sys.platform == "linux" else "spawn",
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     before = torch.get_num_threads()
@@ -109,8 +137,9 @@ def test_two_ranks_train_like_one_process_on_the_global_batch(tmp_path: Path, da
     expected = model.state_dict()
     for state in (r["state"] for r in ranks):
         assert all(torch.equal(state[k], ranks[0]["state"][k]) for k in expected)  # DDP: identical ranks
-        assert all(torch.allclose(state[k], expected[k], atol=1e-5) for k in expected), \
-            max((state[k] - expected[k]).abs().max().item() for k in expected)
+        assert all(torch.allclose(state[k], expected[k], atol=1e-5) for k in expected), max(
+            (state[k] - expected[k]).abs().max().item() for k in expected
+        )
     assert any(not torch.allclose(initial[k], expected[k], atol=1e-3) for k in expected)  # the step did move them
     for name in ("loss", "loss_itc", "loss_itm"):
         for r in ranks:

@@ -45,8 +45,19 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cfg(root: Path, runs: Path, **kw) -> TrainConfig:
     # threads=1: on a shared, loaded 2-core machine two OpenMP threads per process are ~8x slower
-    base = {"data_root": root, "model": "tiny", "subset": 24, "val_size": 8, "batch_size": 8, "epochs": 2,
-            "runs_dir": runs, "workers": 0, "progress": False, "save_every": 2, "threads": 1}
+    base = {
+        "data_root": root,
+        "model": "tiny",
+        "subset": 24,
+        "val_size": 8,
+        "batch_size": 8,
+        "epochs": 2,
+        "runs_dir": runs,
+        "workers": 0,
+        "progress": False,
+        "save_every": 2,
+        "threads": 1,
+    }
     return TrainConfig(**{**base, **kw})
 
 
@@ -78,16 +89,26 @@ def test_a_plain_resume_keeps_the_saved_epochs_and_schedule(data_root: Path, tmp
     train(_cfg(data_root, tmp_path, name="cut", epochs=3, max_steps=4))
     # `train.py --resume --name cut ...`: --epochs not typed, so its default (3 here too, but see
     # below) must not replace the saved value
-    resumed = _plain(_cfg(data_root, tmp_path, name="cut", epochs=TrainConfig().epochs + 4, resume=True),
-                     "data_root", "runs_dir", "name", "resume", "model", "subset", "val_size", "batch_size")
+    resumed = _plain(
+        _cfg(data_root, tmp_path, name="cut", epochs=TrainConfig().epochs + 4, resume=True),
+        "data_root",
+        "runs_dir",
+        "name",
+        "resume",
+        "model",
+        "subset",
+        "val_size",
+        "batch_size",
+    )
     summary = train(resumed)
     straight, cut = _weights(tmp_path / "straight"), _weights(tmp_path / "cut")
     assert summary["steps"] == 9 and all(torch.equal(straight[k], cut[k]) for k in straight)
     assert "note:" not in capsys.readouterr().out
 
 
-def test_resume_refuses_a_flag_that_changes_the_run_and_notes_a_longer_one(data_root: Path, tmp_path: Path,
-                                                                         capsys) -> None:
+def test_resume_refuses_a_flag_that_changes_the_run_and_notes_a_longer_one(
+    data_root: Path, tmp_path: Path, capsys
+) -> None:
     train(_cfg(data_root, tmp_path, name="r", epochs=1, max_steps=2))
     with pytest.raises(TpasError, match=r"--lr 0.5 \(saved: 0.0001\) would change it; drop that flag"):
         train(_plain(_cfg(data_root, tmp_path, name="r", resume=True, lr=0.5), "resume", "lr"))
@@ -161,6 +182,7 @@ def test_same_seed_same_subset_other_seed_differs(data_root: Path, tmp_path: Pat
     train(_cfg(data_root, tmp_path, name="s0", max_steps=1))
     train(_cfg(data_root, tmp_path, name="s0b", max_steps=1))
     train(_cfg(data_root, tmp_path, name="s1", max_steps=1, seed=1))
+
     def subset(name: str) -> dict:
         return json.loads((tmp_path / name / "subset.json").read_text())
 
@@ -212,7 +234,9 @@ def test_a_caption_the_text_pipeline_empties_fails_or_is_skipped(tmp_path: Path)
     for r in records:
         _image(root / r["image"], (200, 40, 40))
     tiny = {"model": "xvlm-tiny", "subset": 0, "val_size": 0, "max_steps": 1}
-    with pytest.raises(TpasError, match=r"attr_0.json line 7: caption '...' is empty once cleaned.*--caption-clean strip"):
+    with pytest.raises(
+        TpasError, match=r"attr_0.json line 7: caption '...' is empty once cleaned.*--caption-clean strip"
+    ):
         train(_cfg(root, tmp_path, name="fail", **tiny))
     summary = train(_cfg(root, tmp_path, name="skip", on_bad_sample="skip", **tiny))
     assert summary["skipped"] == 1 and summary["train_pairs"] == 29
@@ -224,18 +248,34 @@ def test_model_flags_override_the_preset_only_when_given(data_root: Path, tmp_pa
     for preset, tokens in (("lite", 70), ("xvlm-tiny", 40), ("cmp", 56), ("blip-itm", 35), ("clip", 77)):
         resolved = model_config_for(TrainConfig(model=preset))
         assert resolved.max_tokens == tokens == model_lib.ModelConfig.from_preset(preset).max_tokens
-    given = model_config_for(TrainConfig(model="xvlm-tiny", max_tokens=20, trailing_sep=True,
-                                                  caption_clean="strip", max_words=5, pad_to_max_tokens=True))
-    assert given.text_settings == {"caption_clean": "strip", "max_words": 5, "trailing_sep": True, "max_tokens": 20,
-                                   "pad_to_max_tokens": True}
+    given = model_config_for(
+        TrainConfig(
+            model="xvlm-tiny",
+            max_tokens=20,
+            trailing_sep=True,
+            caption_clean="strip",
+            max_words=5,
+            pad_to_max_tokens=True,
+        )
+    )
+    assert given.text_settings == {
+        "caption_clean": "strip",
+        "max_words": 5,
+        "trailing_sep": True,
+        "max_tokens": 20,
+        "pad_to_max_tokens": True,
+    }
     # the pipeline the run trained with is the one saved, and the one infer.py rebuilds
     train(_cfg(data_root, tmp_path, name="x", model="xvlm-tiny", max_steps=1))
     saved = json.loads((tmp_path / "x" / "config.json").read_text())["model"]
     assert {k: saved[k] for k in model_lib.TEXT_FIELDS} == model_lib.ModelConfig.from_preset("xvlm-tiny").text_settings
-    assert load_run_model(tmp_path / "x")[1].text_settings == model_lib.ModelConfig.from_preset("xvlm-tiny").text_settings
+    assert (
+        load_run_model(tmp_path / "x")[1].text_settings == model_lib.ModelConfig.from_preset("xvlm-tiny").text_settings
+    )
 
 
 # ---------------------------------------------------------------- device, precision, loader, flags
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -257,8 +297,12 @@ def _batch(tokenizer: object, captions: list[str], seed: int) -> dict[str, torch
     return {"images": images, **TextPipeline(tokenizer, max_tokens=70)(captions)}
 
 
-CAPTIONS = [f"a person {i} in a {c} jacket is {a}" for i, (c, a) in
-            enumerate(zip(["red", "blue", "green", "black"] * 2, ["walking", "lying", "running", "falling"] * 2))]
+CAPTIONS = [
+    f"a person {i} in a {c} jacket is {a}"
+    for i, (c, a) in enumerate(
+        zip(["red", "blue", "green", "black"] * 2, ["walking", "lying", "running", "falling"] * 2)
+    )
+]
 
 
 def test_grad_accum_averages_the_micro_batch_gradients() -> None:
@@ -267,8 +311,13 @@ def test_grad_accum_averages_the_micro_batch_gradients() -> None:
     by_hand = copy.deepcopy(model)
     first, second = _batch(tokenizer, CAPTIONS[:4], 1), _batch(tokenizer, CAPTIONS[4:], 2)
     torch.manual_seed(5)
-    out = training_step(model, [first, second], torch.optim.SGD(model.parameters(), lr=1.0),
-                        torch.amp.GradScaler("cpu", enabled=False), Runtime())
+    out = training_step(
+        model,
+        [first, second],
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        torch.amp.GradScaler("cpu", enabled=False),
+        Runtime(),
+    )
     torch.manual_seed(5)  # the same ITM negative draws, in the same order
     loss_a = by_hand(**first)["loss"]
     (loss_a / 2).backward()  # one backward per forward: forward clamps temp in place
@@ -296,8 +345,13 @@ def test_device_and_precision_choices() -> None:
     model, tokenizer = _tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     runtime = resolve_runtime("cpu", "bf16")
-    out = training_step(model, [_batch(tokenizer, CAPTIONS, 3)], torch.optim.AdamW(model.parameters(), lr=1e-3),
-                        torch.amp.GradScaler("cpu", enabled=False), runtime)
+    out = training_step(
+        model,
+        [_batch(tokenizer, CAPTIONS, 3)],
+        torch.optim.AdamW(model.parameters(), lr=1e-3),
+        torch.amp.GradScaler("cpu", enabled=False),
+        runtime,
+    )
     assert math.isfinite(out["loss"]) and out["loss"] > 0
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -320,7 +374,10 @@ def test_sampler_ranks_split_each_global_batch() -> None:
     parts = [[i for _, i in s] for s in ranks]
     assert len(single) == 48 and len(parts[0]) == len(parts[1]) == 24
     for step in range(6):  # rank 0 then rank 1 = the single process's batch, in order
-        assert parts[0][step * 4:(step + 1) * 4] + parts[1][step * 4:(step + 1) * 4] == single[step * 8:(step + 1) * 8]
+        assert (
+            parts[0][step * 4 : (step + 1) * 4] + parts[1][step * 4 : (step + 1) * 4]
+            == single[step * 8 : (step + 1) * 8]
+        )
     assert not set(parts[0]) & set(parts[1])
     ranks[1].skip_batches = 2  # a resume mid-epoch continues with the same slice
     assert [i for _, i in ranks[1]] == parts[1][8:]
@@ -341,8 +398,14 @@ def test_image_cache_keeps_training_identical(data_root: Path, tmp_path: Path, m
     # a resume maps the saved array instead of decoding again
     monkeypatch.setattr(train_data, "load_rgb", lambda path: (_ for _ in ()).throw(AssertionError(f"decoded {path}")))
     dataset_images = json.loads((tmp_path / "disk" / "image_cache.json").read_text())["images"]
-    cache = build_image_cache(dataset_images, data_root, T.Resize((64, 32), interpolation=T.InterpolationMode.BICUBIC),
-                                       "disk", tmp_path / "disk", progress=False)
+    cache = build_image_cache(
+        dataset_images,
+        data_root,
+        T.Resize((64, 32), interpolation=T.InterpolationMode.BICUBIC),
+        "disk",
+        tmp_path / "disk",
+        progress=False,
+    )
     assert isinstance(cache.array, np.memmap) and cache.array.shape == (len(dataset_images), 64, 32, 3)
 
 
@@ -350,10 +413,23 @@ def test_runtime_flags_reach_the_loop(data_root: Path, tmp_path: Path, monkeypat
     compiled, checkpointing = [], []
     monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or module)
     original = model_lib.XVLMModel.set_grad_checkpointing
-    monkeypatch.setattr(model_lib.XVLMModel, "set_grad_checkpointing",
-                        lambda self, enable=True: checkpointing.append(enable) or original(self, enable))
-    summary = train(_cfg(data_root, tmp_path, name="flags", epochs=1, batch_size=4, grad_accum=2, compile=True,
-                         grad_checkpointing=True))
+    monkeypatch.setattr(
+        model_lib.XVLMModel,
+        "set_grad_checkpointing",
+        lambda self, enable=True: checkpointing.append(enable) or original(self, enable),
+    )
+    summary = train(
+        _cfg(
+            data_root,
+            tmp_path,
+            name="flags",
+            epochs=1,
+            batch_size=4,
+            grad_accum=2,
+            compile=True,
+            grad_checkpointing=True,
+        )
+    )
     assert len(compiled) == 1 and checkpointing == [True]
     # 24 pairs, 4 per micro-batch, 2 micro-batches per optimizer step: 3 steps
     assert summary["steps"] == 3 and summary["pairs_per_step"] == 8 and summary["precision"] == "fp32"
@@ -363,9 +439,9 @@ def test_runtime_flags_reach_the_loop(data_root: Path, tmp_path: Path, monkeypat
     assert saved["grad_accum"] == 2 and saved["compile"] and saved["grad_checkpointing"]
 
 
-def test_init_weights_are_loaded_and_a_resume_keeps_the_checkpoint(data_root: Path, tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch,
-                                                                    capsys: pytest.CaptureFixture) -> None:
+def test_init_weights_are_loaded_and_a_resume_keeps_the_checkpoint(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     calls = []
 
     def load_initial_weights(model: torch.nn.Module, path: Path) -> dict:
@@ -387,13 +463,16 @@ def test_init_weights_are_loaded_and_a_resume_keeps_the_checkpoint(data_root: Pa
     assert calls == [start]  # the checkpoint wins on resume
 
 
-@pytest.mark.parametrize("flag, value, expected", [
-    ("epochs", 0, "--epochs must be at least 1; got 0."),
-    ("val_size", -3, "--val-size must be 0 (no validation) or more; got -3."),
-    ("subset", -5, "--subset must be 0 (all pairs) or more; got -5."),
-    ("steps", 0, "--steps must be at least 1 (or left out to train for --epochs); got 0."),
-    ("save_every", -1, "--save-every must be 0 (only at epoch ends) or more; got -1."),
-])
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [
+        ("epochs", 0, "--epochs must be at least 1; got 0."),
+        ("val_size", -3, "--val-size must be 0 (no validation) or more; got -3."),
+        ("subset", -5, "--subset must be 0 (all pairs) or more; got -5."),
+        ("steps", 0, "--steps must be at least 1 (or left out to train for --epochs); got 0."),
+        ("save_every", -1, "--save-every must be 0 (only at epoch ends) or more; got -1."),
+    ],
+)
 def test_out_of_range_counts_are_one_sentence(flag: str, value: int, expected: str) -> None:
     with pytest.raises(TpasError) as err:
         TrainConfig(**{flag: value})

@@ -54,8 +54,13 @@ def measure(fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
     finally:
         mem.stop()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    return result, {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "peak_rss_mb": round(mem.peak_mb, 1),
-                    "rss_growth_mb": round(mem.peak_mb - mem.start_mb, 1), "load_1min_after": os.getloadavg()[0]}
+    return result, {
+        "wall_s": round(wall, 3),
+        "cpu_s": round(cpu, 3),
+        "peak_rss_mb": round(mem.peak_mb, 1),
+        "rss_growth_mb": round(mem.peak_mb - mem.start_mb, 1),
+        "load_1min_after": os.getloadavg()[0],
+    }
 
 
 def machine_info() -> dict[str, Any]:
@@ -66,13 +71,20 @@ def machine_info() -> dict[str, Any]:
             cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu,
-            "cores": os.cpu_count(), "python": platform.python_version(), "load_avg_at_start": [round(v, 2) for v in os.getloadavg()],
-            "note": "load average counts every process on the machine; above the core count, others competed for the CPU"}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_avg_at_start": [round(v, 2) for v in os.getloadavg()],
+        "note": "load average counts every process on the machine; above the core count, others competed for the CPU",
+    }
 
 
 def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
-    cells = [[str(c) for c in header]] + [[f"{c:,.3f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    cells = [[str(c) for c in header]] + [
+        [f"{c:,.3f}" if isinstance(c, float) else str(c) for c in row] for row in rows
+    ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     print(f"\n{title}")
     for j, row in enumerate(cells):

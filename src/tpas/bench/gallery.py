@@ -39,8 +39,11 @@ class GalleryBenchConfig:
     clusters: int = field(2000, "Gaussian clusters in the synthetic gallery (0: unstructured Gaussian).")
     spread: float = field(0.6, "Within-cluster noise relative to the cluster centre (before normalising).")
     query_noise: float = field(0.3, "Noise added to the gallery item a query is copied from (before normalising).")
-    method: list[str] = field(["flat", "ivf"], "Indexes to build: flat (exact IndexFlatIP), ivf (IndexIVFFlat), "
-                                               "hnsw (IndexHNSWFlat; slow to build on few cores).")
+    method: list[str] = field(
+        ["flat", "ivf"],
+        "Indexes to build: flat (exact IndexFlatIP), ivf (IndexIVFFlat), "
+        "hnsw (IndexHNSWFlat; slow to build on few cores).",
+    )
     nlist: int = field(1024, "IVF: inverted lists (k-means centroids).")
     train_size: int = field(0, "IVF: training sample (0 = 40 x nlist, faiss's lower bound of 39 per centroid).")
     nprobe: list[int] = field([8, 32, 128], "IVF: lists visited per query (one search each).")
@@ -65,10 +68,12 @@ def synthetic(cfg: GalleryBenchConfig) -> tuple[np.ndarray, np.ndarray]:
             noise *= cfg.spread
             noise += centres[rng.integers(0, cfg.clusters, size=rows)]
         noise /= np.linalg.norm(noise, axis=1, keepdims=True)
-        gallery[start:start + rows] = noise
+        gallery[start : start + rows] = noise
     source = rng.integers(0, cfg.size, size=cfg.queries)
     # noise of norm ~query_noise on a unit vector
-    queries = gallery[source] + cfg.query_noise / np.sqrt(cfg.dim) * rng.standard_normal((cfg.queries, cfg.dim), dtype=np.float32)
+    queries = gallery[source] + cfg.query_noise / np.sqrt(cfg.dim) * rng.standard_normal(
+        (cfg.queries, cfg.dim), dtype=np.float32
+    )
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     return gallery, queries.astype(np.float32)
 
@@ -91,25 +96,42 @@ def run_benchmark(cfg: GalleryBenchConfig) -> dict[str, Any]:
     info["faiss_threads"] = faiss.omp_get_max_threads()
     k = max(cfg.k)
     (gallery, queries), gen = measure(partial(synthetic, cfg))
-    print(f"{cfg.size:,} x {cfg.dim} gallery ({gallery.nbytes / 2**30:.2f} GiB, {cfg.clusters} clusters), "
-          f"{cfg.queries} queries, made in {gen['wall_s']:.0f}s; load average {info['load_avg_at_start']}")
-    results: dict[str, Any] = {"benchmark": "gallery", "machine": info, "config": dataclasses.asdict(cfg),
-                               "data": {"generate_s": gen["wall_s"], "gallery_gib": round(gallery.nbytes / 2**30, 3)},
-                               "rows": []}
+    print(
+        f"{cfg.size:,} x {cfg.dim} gallery ({gallery.nbytes / 2**30:.2f} GiB, {cfg.clusters} clusters), "
+        f"{cfg.queries} queries, made in {gen['wall_s']:.0f}s; load average {info['load_avg_at_start']}"
+    )
+    results: dict[str, Any] = {
+        "benchmark": "gallery",
+        "machine": info,
+        "config": dataclasses.asdict(cfg),
+        "data": {"generate_s": gen["wall_s"], "gallery_gib": round(gallery.nbytes / 2**30, 3)},
+        "rows": [],
+    }
 
-    def add_row(index_name: str, params: str, build: dict | None, search: dict, found: np.ndarray,
-                exact: np.ndarray, n: int) -> None:
-        row = {"index": index_name, "params": params, "gallery": n,
-               "build_s": build["wall_s"] if build else None, "build_cpu_s": build["cpu_s"] if build else None,
-               "build_peak_rss_mb": build["peak_rss_mb"] if build else None,
-               "build_rss_growth_mb": build["rss_growth_mb"] if build else None,
-               "search_s": search["wall_s"], "search_cpu_s": search["cpu_s"],
-               "ms_per_query": round(search["wall_s"] / len(queries) * 1000, 3),
-               "search_peak_rss_mb": search["peak_rss_mb"], "load_1min_after": search["load_1min_after"]}
+    def add_row(
+        index_name: str, params: str, build: dict | None, search: dict, found: np.ndarray, exact: np.ndarray, n: int
+    ) -> None:
+        row = {
+            "index": index_name,
+            "params": params,
+            "gallery": n,
+            "build_s": build["wall_s"] if build else None,
+            "build_cpu_s": build["cpu_s"] if build else None,
+            "build_peak_rss_mb": build["peak_rss_mb"] if build else None,
+            "build_rss_growth_mb": build["rss_growth_mb"] if build else None,
+            "search_s": search["wall_s"],
+            "search_cpu_s": search["cpu_s"],
+            "ms_per_query": round(search["wall_s"] / len(queries) * 1000, 3),
+            "search_peak_rss_mb": search["peak_rss_mb"],
+            "load_1min_after": search["load_1min_after"],
+        }
         row.update({f"recall@{kk}": recall(found, exact, kk) for kk in sorted(cfg.k)})
         results["rows"].append(row)
-        print(f"  {index_name:5s} {params:22s} build {row['build_s'] or 0:8.1f}s  search {row['search_s']:8.2f}s  "
-              + "  ".join(f"R@{kk} {row[f'recall@{kk}']:.4f}" for kk in sorted(cfg.k)), flush=True)
+        print(
+            f"  {index_name:5s} {params:22s} build {row['build_s'] or 0:8.1f}s  search {row['search_s']:8.2f}s  "
+            + "  ".join(f"R@{kk} {row[f'recall@{kk}']:.4f}" for kk in sorted(cfg.k)),
+            flush=True,
+        )
 
     # exact search: the ground truth of every approximate index
     flat = faiss.IndexFlatIP(cfg.dim)
@@ -122,8 +144,11 @@ def run_benchmark(cfg: GalleryBenchConfig) -> dict[str, Any]:
     if "ivf" in cfg.method:
         quantizer = faiss.IndexFlatIP(cfg.dim)
         ivf = faiss.IndexIVFFlat(quantizer, cfg.dim, cfg.nlist, faiss.METRIC_INNER_PRODUCT)
-        train = gallery[np.random.default_rng(cfg.seed + 1).choice(cfg.size, min(cfg.size, cfg.train_size or 40 * cfg.nlist),
-                                                                    replace=False)]
+        train = gallery[
+            np.random.default_rng(cfg.seed + 1).choice(
+                cfg.size, min(cfg.size, cfg.train_size or 40 * cfg.nlist), replace=False
+            )
+        ]
 
         def build_ivf() -> None:
             ivf.train(train)
@@ -160,13 +185,25 @@ def run_benchmark(cfg: GalleryBenchConfig) -> dict[str, Any]:
 def report(results: dict[str, Any]) -> None:
     cfg = results["config"]
     ks = sorted(cfg["k"])
-    print_table(f"top-{max(ks)} search, {cfg['queries']} queries, d={cfg['dim']} "
-                f"(load average {results['machine']['load_avg_at_start']} at start, "
-                f"{results['machine']['load_avg_at_end']} at end)",
-                ["index", "params", "gallery", "build s", "search s", "ms/query", "peak RSS MB"] + [f"R@{k}" for k in ks],
-                [[r["index"], r["params"], f"{r['gallery']:,}", "-" if r["build_s"] is None else r["build_s"], r["search_s"],
-                  r["ms_per_query"], max(r["search_peak_rss_mb"], r["build_peak_rss_mb"] or 0)] + [r[f"recall@{k}"] for k in ks]
-                 for r in results["rows"]])
+    print_table(
+        f"top-{max(ks)} search, {cfg['queries']} queries, d={cfg['dim']} "
+        f"(load average {results['machine']['load_avg_at_start']} at start, "
+        f"{results['machine']['load_avg_at_end']} at end)",
+        ["index", "params", "gallery", "build s", "search s", "ms/query", "peak RSS MB"] + [f"R@{k}" for k in ks],
+        [
+            [
+                r["index"],
+                r["params"],
+                f"{r['gallery']:,}",
+                "-" if r["build_s"] is None else r["build_s"],
+                r["search_s"],
+                r["ms_per_query"],
+                max(r["search_peak_rss_mb"], r["build_peak_rss_mb"] or 0),
+            ]
+            + [r[f"recall@{k}"] for k in ks]
+            for r in results["rows"]
+        ],
+    )
 
 
 @config_command(GalleryBenchConfig, help="Benchmark FAISS top-k over a huge synthetic gallery: exact vs IVF (vs HNSW).")

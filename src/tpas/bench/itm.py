@@ -43,16 +43,26 @@ from tpas.models import fast_itm as fast_itm_lib
 
 @dataclass
 class ItmBenchConfig:
-    run: Path = field(Path("runs/demo"), "Trained run to benchmark; when it does not exist, a lite model with random heads.")
+    run: Path = field(
+        Path("runs/demo"), "Trained run to benchmark; when it does not exist, a lite model with random heads."
+    )
     data_root: Path = field(Path("data/demo"), "Captions and gallery images from this test set (demo or PAB layout).")
-    data: str = field("auto", "auto: the data root when it exists, else synthetic captions and image states.",
-                      choices=["auto", "demo", "synthetic"])
+    data: str = field(
+        "auto",
+        "auto: the data root when it exists, else synthetic captions and image states.",
+        choices=["auto", "demo", "synthetic"],
+    )
     queries: int = field(1978, "Queries ranked by ours (PAB's test set has 1,978).")
     gallery: int = field(3000, "Gallery images (PAB's test set has 3,000).")
     k: int = field(128, "Candidates re-ranked by ITM per query.")
-    reference_queries: int = field(256, "Queries timed with the reference loop (0 = all); its cost for all queries "
-                                        "is extrapolated from the per-query time, and the output says so.")
-    trimmed_queries: int = field(64, "Queries timed with the reference loop on captions cut to their own length (0: skip).")
+    reference_queries: int = field(
+        256,
+        "Queries timed with the reference loop (0 = all); its cost for all queries "
+        "is extrapolated from the per-query time, and the output says so.",
+    )
+    trimmed_queries: int = field(
+        64, "Queries timed with the reference loop on captions cut to their own length (0: skip)."
+    )
     generic_queries: int = field(64, "Queries timed with rank(--no-fast-itm), batches spanning queries (0: skip).")
     k_sweep: list[int] = field([16, 32, 64, 128], "k values for the cost-versus-k table.")
     sweep_queries: int = field(128, "Queries per k for ours in the k sweep.")
@@ -73,19 +83,77 @@ def _load_model(cfg: ItmBenchConfig) -> tuple[model_lib.RetrievalModel, model_li
 
     if (Path(cfg.run) / "config.json").is_file():
         model, model_cfg = load_run_model(cfg.run)
-        return model, model_cfg, f"trained run {cfg.run} ({model_cfg.preset})", _file_digest(Path(cfg.run) / "model.safetensors")
+        return (
+            model,
+            model_cfg,
+            f"trained run {cfg.run} ({model_cfg.preset})",
+            _file_digest(Path(cfg.run) / "model.safetensors"),
+        )
     torch.manual_seed(cfg.seed)
     model_cfg = model_lib.ModelConfig.from_preset("lite")
-    return (model_lib.build_model(model_cfg).eval(), model_cfg,
-            "lite preset, pretrained backbones, random fusion cross-attention and heads (no trained run found)",
-            f"bench-random:{cfg.seed}")
+    return (
+        model_lib.build_model(model_cfg).eval(),
+        model_cfg,
+        "lite preset, pretrained backbones, random fusion cross-attention and heads (no trained run found)",
+        f"bench-random:{cfg.seed}",
+    )
 
 
-_WORDS = ["a", "man", "woman", "person", "child", "wearing", "red", "blue", "green", "black", "white", "grey", "yellow",
-          "jacket", "coat", "shirt", "trousers", "jeans", "skirt", "dress", "hat", "cap", "backpack", "bag", "shoes", "is",
-          "lying", "falling", "running", "walking", "standing", "waving", "fighting", "on", "the", "ground", "street",
-          "pavement", "near", "grass", "park", "holding", "his", "her", "hands", "arm", "leg", "short", "long", "hair",
-          "with", "and", "in"]
+_WORDS = [
+    "a",
+    "man",
+    "woman",
+    "person",
+    "child",
+    "wearing",
+    "red",
+    "blue",
+    "green",
+    "black",
+    "white",
+    "grey",
+    "yellow",
+    "jacket",
+    "coat",
+    "shirt",
+    "trousers",
+    "jeans",
+    "skirt",
+    "dress",
+    "hat",
+    "cap",
+    "backpack",
+    "bag",
+    "shoes",
+    "is",
+    "lying",
+    "falling",
+    "running",
+    "walking",
+    "standing",
+    "waving",
+    "fighting",
+    "on",
+    "the",
+    "ground",
+    "street",
+    "pavement",
+    "near",
+    "grass",
+    "park",
+    "holding",
+    "his",
+    "her",
+    "hands",
+    "arm",
+    "leg",
+    "short",
+    "long",
+    "hair",
+    "with",
+    "and",
+    "in",
+]
 
 
 def _synthetic(cfg: ItmBenchConfig, model: model_lib.RetrievalModel) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -100,38 +168,66 @@ def _synthetic(cfg: ItmBenchConfig, model: model_lib.RetrievalModel) -> tuple[li
     return captions, feat, embeds
 
 
-def _data(cfg: ItmBenchConfig, model: model_lib.RetrievalModel, model_key: str,
-          model_cfg: model_lib.ModelConfig) -> tuple[list[str], torch.Tensor, torch.Tensor, str]:
+def _data(
+    cfg: ItmBenchConfig, model: model_lib.RetrievalModel, model_key: str, model_cfg: model_lib.ModelConfig
+) -> tuple[list[str], torch.Tensor, torch.Tensor, str]:
     from tpas.data import load_test_set
     from tpas.retrieval import InferConfig, cached_gallery
 
     use_demo = cfg.data == "demo" or (cfg.data == "auto" and Path(cfg.data_root).is_dir())
     if not use_demo:
         captions, feat, embeds = _synthetic(cfg, model)
-        return captions, feat, embeds, f"synthetic (seed {cfg.seed}): random captions of 15-30 words, random image states"
+        return (
+            captions,
+            feat,
+            embeds,
+            f"synthetic (seed {cfg.seed}): random captions of 15-30 words, random image states",
+        )
     test = load_test_set(cfg.data_root)
     if len(test.queries) < cfg.queries or len(test.gallery) < cfg.gallery:
-        raise TpasError(f"{cfg.data_root}: has {len(test.queries)} queries and {len(test.gallery)} gallery images, fewer "
-                        f"than --queries {cfg.queries} / --gallery {cfg.gallery}; lower them or use --data synthetic.")
-    captions = test.queries["caption"].tolist()[:cfg.queries]
-    paths = test.gallery["path"].tolist()[:cfg.gallery]
+        raise TpasError(
+            f"{cfg.data_root}: has {len(test.queries)} queries and {len(test.gallery)} gallery images, fewer "
+            f"than --queries {cfg.queries} / --gallery {cfg.gallery}; lower them or use --data synthetic."
+        )
+    captions = test.queries["caption"].tolist()[: cfg.queries]
+    paths = test.gallery["path"].tolist()[: cfg.gallery]
     infer_cfg = InferConfig(data_root=cfg.data_root, progress=cfg.progress)
-    feat, embeds, hit = cached_gallery(model, paths, model_lib.image_transform(model_cfg, train=False), infer_cfg, model_key)
-    return captions, feat, embeds, (f"{cfg.data_root} ({test.source}): first {cfg.queries} captions, first {cfg.gallery} "
-                                    f"gallery images (features {'from the cache' if hit else 'encoded'}, not timed)")
+    feat, embeds, hit = cached_gallery(
+        model, paths, model_lib.image_transform(model_cfg, train=False), infer_cfg, model_key
+    )
+    return (
+        captions,
+        feat,
+        embeds,
+        (
+            f"{cfg.data_root} ({test.source}): first {cfg.queries} captions, first {cfg.gallery} "
+            f"gallery images (features {'from the cache' if hit else 'encoded'}, not timed)"
+        ),
+    )
 
 
 @torch.inference_mode()
-def reference_rank(model: model_lib.RetrievalModel, text: Any, captions: list[str], image_feat: torch.Tensor,
-                   image_embeds: torch.Tensor, k: int, itc_weight: float, text_batch: int = 128,
-                   trim: bool = False, progress: bool = True) -> dict[str, np.ndarray]:
+def reference_rank(
+    model: model_lib.RetrievalModel,
+    text: Any,
+    captions: list[str],
+    image_feat: torch.Tensor,
+    image_embeds: torch.Tensor,
+    k: int,
+    itc_weight: float,
+    text_batch: int = 128,
+    trim: bool = False,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
     """CMP / X-VLM evaluation_itm: per query, its top-k candidates through the cross encoder as one
     batch of k. trim: cut each caption's states to its own length (no padding) first."""
     k = min(k, len(image_feat))
     index, itc_out, itm_out = [], [], []
-    bar = tqdm(total=len(captions), desc="reference" + (" (trimmed)" if trim else ""), disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(captions), desc="reference" + (" (trimmed)" if trim else ""), disable=not progress, leave=False
+    )
     for start in range(0, len(captions), text_batch):
-        tokens = text(captions[start:start + text_batch])
+        tokens = text(captions[start : start + text_batch])
         text_embeds, text_feat = model.encode_text(tokens["input_ids"], tokens["attention_mask"])
         sims = text_feat @ image_feat.T
         for i in range(len(sims)):
@@ -149,8 +245,10 @@ def reference_rank(model: model_lib.RetrievalModel, text: Any, captions: list[st
     top_index, top_itc, top_itm = np.stack(index), np.stack(itc_out), np.stack(itm_out)
     score = top_itm + itc_weight * top_itc
     best = np.argsort(-score, axis=1, kind="stable")
-    return {name: np.take_along_axis(a, best, axis=1)
-            for name, a in (("index", top_index), ("itc", top_itc), ("itm", top_itm), ("score", score))}
+    return {
+        name: np.take_along_axis(a, best, axis=1)
+        for name, a in (("index", top_index), ("itc", top_itc), ("itm", top_itm), ("score", score))
+    }
 
 
 def compare_rankings(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -168,16 +266,37 @@ def compare_rankings(ours: dict[str, np.ndarray], reference: dict[str, np.ndarra
     differing = []
     for q in np.flatnonzero(~same_rows)[:10]:
         position = int(np.argmax(ours["index"][q] != reference["index"][q]))
-        differing.append({"query": int(q), "first_position": position + 1, "same_candidates": bool(same_sets[q]),
-                          "score_gap_there": float(abs(reference["score"][q][position]
-                                                       - reference["score"][q][min(position + 1, len(reference["score"][q]) - 1)]))})
-    return {"queries_compared": rows, "identical": bool(same_rows.all()), "identical_rows": int(same_rows.sum()),
-            "same_candidate_sets": int(same_sets.sum()), "max_abs_itm_diff": itm_diff, "differing_rows": differing}
+        differing.append(
+            {
+                "query": int(q),
+                "first_position": position + 1,
+                "same_candidates": bool(same_sets[q]),
+                "score_gap_there": float(
+                    abs(
+                        reference["score"][q][position]
+                        - reference["score"][q][min(position + 1, len(reference["score"][q]) - 1)]
+                    )
+                ),
+            }
+        )
+    return {
+        "queries_compared": rows,
+        "identical": bool(same_rows.all()),
+        "identical_rows": int(same_rows.sum()),
+        "same_candidate_sets": int(same_sets.sum()),
+        "max_abs_itm_diff": itm_diff,
+        "differing_rows": differing,
+    }
 
 
 def _per_query(stats: dict[str, float], queries: int) -> dict[str, float]:
-    return {**stats, "queries": queries, "s_per_query": round(stats["wall_s"] / queries, 4),
-            "queries_per_s": round(queries / stats["wall_s"], 3), "cpu_s_per_query": round(stats["cpu_s"] / queries, 4)}
+    return {
+        **stats,
+        "queries": queries,
+        "s_per_query": round(stats["wall_s"] / queries, 4),
+        "queries_per_s": round(queries / stats["wall_s"], 3),
+        "cpu_s_per_query": round(stats["cpu_s"] / queries, 4),
+    }
 
 
 @torch.inference_mode()
@@ -187,10 +306,14 @@ def _itc_stage(text_feat: torch.Tensor, gallery: int, k: int, text_batch: int, s
 
     def run() -> None:
         for start in range(0, len(text_feat), text_batch):
-            (text_feat[start:start + text_batch] @ feats.T).topk(min(k, gallery), dim=1)
+            (text_feat[start : start + text_batch] @ feats.T).topk(min(k, gallery), dim=1)
 
     _, stats = measure(run)
-    return {"gallery": gallery, **_per_query(stats, len(text_feat)), "gallery_feat_mb": round(feats.numel() * 4 / 2**20, 1)}
+    return {
+        "gallery": gallery,
+        **_per_query(stats, len(text_feat)),
+        "gallery_feat_mb": round(feats.numel() * 4 / 2**20, 1),
+    }
 
 
 def run_benchmark(cfg: ItmBenchConfig) -> dict[str, Any]:
@@ -206,24 +329,49 @@ def run_benchmark(cfg: ItmBenchConfig) -> dict[str, Any]:
     captions, image_feat, image_embeds, data_desc = _data(cfg, model, model_key, model_cfg)
     itc_weight = 1.0 / float(model.temp.detach())
     lengths = text.lengths(captions)
-    print(f"model: {model_desc}\ndata: {data_desc}\n{len(captions)} queries x {len(image_feat)} images, k={cfg.k}, "
-          f"{torch.get_num_threads()} threads, load average {info['load_avg_at_start']}")
+    print(
+        f"model: {model_desc}\ndata: {data_desc}\n{len(captions)} queries x {len(image_feat)} images, k={cfg.k}, "
+        f"{torch.get_num_threads()} threads, load average {info['load_avg_at_start']}"
+    )
 
     def ours(n: int, k: int) -> Callable[[], dict[str, np.ndarray]]:
-        return lambda: rank(model, text, captions[:n], image_feat, image_embeds, k, True, "tpas", itc_weight,
-                            cfg.text_batch, cfg.itm_batch, cfg.progress, fast_itm=True)
+        return lambda: rank(
+            model,
+            text,
+            captions[:n],
+            image_feat,
+            image_embeds,
+            k,
+            True,
+            "tpas",
+            itc_weight,
+            cfg.text_batch,
+            cfg.itm_batch,
+            cfg.progress,
+            fast_itm=True,
+        )
 
     def reference(n: int, k: int, trim: bool = False) -> Callable[[], dict[str, np.ndarray]]:
-        return lambda: reference_rank(model, text, captions[:n], image_feat, image_embeds, k,
-                                      itc_weight, cfg.text_batch, trim, cfg.progress)
+        return lambda: reference_rank(
+            model, text, captions[:n], image_feat, image_embeds, k, itc_weight, cfg.text_batch, trim, cfg.progress
+        )
 
     results: dict[str, Any] = {
-        "benchmark": "itm", "machine": info, "model": model_desc, "data": data_desc,
-        "sizes": {"queries": len(captions), "gallery": len(image_feat), "k": cfg.k,
-                  "image_tokens": int(image_embeds.shape[1]), "width": int(image_embeds.shape[2]),
-                  "fusion_layers": len(model.fusion), "caption_tokens": {"min": min(lengths), "mean": round(float(np.mean(lengths)), 1),
-                                                                         "max": max(lengths)}},
-        "config": dataclasses.asdict(cfg)}
+        "benchmark": "itm",
+        "machine": info,
+        "model": model_desc,
+        "data": data_desc,
+        "sizes": {
+            "queries": len(captions),
+            "gallery": len(image_feat),
+            "k": cfg.k,
+            "image_tokens": int(image_embeds.shape[1]),
+            "width": int(image_embeds.shape[2]),
+            "fusion_layers": len(model.fusion),
+            "caption_tokens": {"min": min(lengths), "mean": round(float(np.mean(lengths)), 1), "max": max(lengths)},
+        },
+        "config": dataclasses.asdict(cfg),
+    }
 
     # ours on every query
     ranked, stats = measure(ours(len(captions), cfg.k))  # includes projecting the gallery's image keys/values
@@ -240,8 +388,23 @@ def run_benchmark(cfg: ItmBenchConfig) -> dict[str, Any]:
         methods["reference_trimmed"]["ranking_vs_ours"] = compare_rankings(ranked, trimmed)
     if cfg.generic_queries:
         n = min(cfg.generic_queries, len(captions))
-        _, stats = measure(lambda: rank(model, text, captions[:n], image_feat, image_embeds, cfg.k,
-                                        True, "tpas", itc_weight, cfg.text_batch, cfg.itm_batch, cfg.progress, fast_itm=False))
+        _, stats = measure(
+            lambda: rank(
+                model,
+                text,
+                captions[:n],
+                image_feat,
+                image_embeds,
+                cfg.k,
+                True,
+                "tpas",
+                itc_weight,
+                cfg.text_batch,
+                cfg.itm_batch,
+                cfg.progress,
+                fast_itm=False,
+            )
+        )
         methods["rank_no_fast_itm"] = _per_query(stats, n)
     for m in methods.values():
         m["seconds_all_queries"] = round(m["s_per_query"] * len(captions), 1)
@@ -255,32 +418,53 @@ def run_benchmark(cfg: ItmBenchConfig) -> dict[str, Any]:
     for k in cfg.k_sweep:
         n = min(cfg.sweep_queries, len(captions))
         _, stats = measure(ours(n, k))
-        row: dict[str, Any] = {"k": k, "ours_s_per_query": round(stats["wall_s"] / n, 4),
-                               "ours_cpu_s_per_query": round(stats["cpu_s"] / n, 4), "ours_queries": n}
+        row: dict[str, Any] = {
+            "k": k,
+            "ours_s_per_query": round(stats["wall_s"] / n, 4),
+            "ours_cpu_s_per_query": round(stats["cpu_s"] / n, 4),
+            "ours_queries": n,
+        }
         if cfg.sweep_reference_queries:
             m = min(cfg.sweep_reference_queries, len(captions))
             _, ref_stats = measure(reference(m, k))
-            row.update({"reference_s_per_query": round(ref_stats["wall_s"] / m, 4), "reference_queries": m,
-                        "speedup": round(ref_stats["wall_s"] / m / (stats["wall_s"] / n), 2)})
+            row.update(
+                {
+                    "reference_s_per_query": round(ref_stats["wall_s"] / m, 4),
+                    "reference_queries": m,
+                    "speedup": round(ref_stats["wall_s"] / m / (stats["wall_s"] / n), 2),
+                }
+            )
         sweep.append(row)
     results["k_sweep"] = sweep
 
     # the ITC stage versus gallery size, and the image key/value projections of the fast path
     with torch.inference_mode():
         tokens = text(captions)
-        text_feat = torch.cat([model.encode_text(tokens["input_ids"][s:s + cfg.text_batch],
-                                                 tokens["attention_mask"][s:s + cfg.text_batch])[1]
-                               for s in range(0, len(captions), cfg.text_batch)])
+        text_feat = torch.cat(
+            [
+                model.encode_text(
+                    tokens["input_ids"][s : s + cfg.text_batch], tokens["attention_mask"][s : s + cfg.text_batch]
+                )[1]
+                for s in range(0, len(captions), cfg.text_batch)
+            ]
+        )
     itc_rows = [_itc_stage(text_feat, g, cfg.k, cfg.text_batch, cfg.seed) for g in cfg.itc_galleries]
-    per_image = sum(2 * layer.crossattention.self.key.out_features for layer in model.fusion) * image_embeds.shape[1] * 4
+    per_image = (
+        sum(2 * layer.crossattention.self.key.out_features for layer in model.fusion) * image_embeds.shape[1] * 4
+    )
     for row in itc_rows:
         row["fast_itm_kv_cache_mb"] = round(row["gallery"] * per_image / 2**20, 1)
-        row["fast_itm_kv_mode"] = "whole gallery, once" if row["gallery"] * per_image <= 1 << 30 else "per ITM batch (over 1 GiB)"
+        row["fast_itm_kv_mode"] = (
+            "whole gallery, once" if row["gallery"] * per_image <= 1 << 30 else "per ITM batch (over 1 GiB)"
+        )
     with torch.inference_mode():
         _, stats = measure(lambda: fast_itm_lib.FastItmScorer(model, image_embeds))
     results["itc_sweep"] = itc_rows
-    results["kv_projection"] = {"gallery": len(image_embeds), "wall_s": stats["wall_s"],
-                                "s_per_1000_images": round(stats["wall_s"] / len(image_embeds) * 1000, 4)}
+    results["kv_projection"] = {
+        "gallery": len(image_embeds),
+        "wall_s": stats["wall_s"],
+        "s_per_1000_images": round(stats["wall_s"] / len(image_embeds) * 1000, 4),
+    }
     results["machine"]["load_avg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     return results
 
@@ -288,30 +472,74 @@ def run_benchmark(cfg: ItmBenchConfig) -> dict[str, Any]:
 def report(results: dict[str, Any]) -> None:
     s, m = results["sizes"], results["methods"]
     rows = []
-    labels = {"reference": "reference loop (CMP/X-VLM evaluation_itm)",
-              "reference_trimmed": "reference loop, captions trimmed to own length",
-              "rank_no_fast_itm": "rank --no-fast-itm (batches span queries)", "ours": "ours: rank (fast ITM)"}
+    labels = {
+        "reference": "reference loop (CMP/X-VLM evaluation_itm)",
+        "reference_trimmed": "reference loop, captions trimmed to own length",
+        "rank_no_fast_itm": "rank --no-fast-itm (batches span queries)",
+        "ours": "ours: rank (fast ITM)",
+    }
     for name in ("reference", "reference_trimmed", "rank_no_fast_itm", "ours"):
         if name in m:
             r = m[name]
             note = f"{r['queries']} queries" + (", extrapolated" if r["queries"] < s["queries"] else "")
-            rows.append([labels[name], note, r["queries_per_s"], r["s_per_query"], r["seconds_all_queries"],
-                         r["peak_rss_mb"], r["speedup_of_ours"], r["cpu_speedup_of_ours"]])
-    print_table(f"ITM re-ranking, {s['queries']} queries x {s['gallery']} gallery, k={s['k']} "
-                f"(load average at start {results['machine']['load_avg_at_start']})",
-                ["method", "timed on", "queries/s", "s/query", f"s for {s['queries']}", "peak RSS MB",
-                 "ours faster (wall)", "(CPU time)"], rows)
+            rows.append(
+                [
+                    labels[name],
+                    note,
+                    r["queries_per_s"],
+                    r["s_per_query"],
+                    r["seconds_all_queries"],
+                    r["peak_rss_mb"],
+                    r["speedup_of_ours"],
+                    r["cpu_speedup_of_ours"],
+                ]
+            )
+    print_table(
+        f"ITM re-ranking, {s['queries']} queries x {s['gallery']} gallery, k={s['k']} "
+        f"(load average at start {results['machine']['load_avg_at_start']})",
+        [
+            "method",
+            "timed on",
+            "queries/s",
+            "s/query",
+            f"s for {s['queries']}",
+            "peak RSS MB",
+            "ours faster (wall)",
+            "(CPU time)",
+        ],
+        rows,
+    )
     r = results["ranking"]
-    print(f"\nranking identical to the reference on the {r['queries_compared']} queries compared: "
-          f"{'yes' if r['identical'] else 'no'} ({r['identical_rows']} rows identical, max |ITM diff| {r['max_abs_itm_diff']:.2e})")
-    print_table("cost versus k", ["k", "ours s/query", "reference s/query", "speed-up"],
-                [[row["k"], row["ours_s_per_query"], row.get("reference_s_per_query", "-"), row.get("speedup", "-")]
-                 for row in results["k_sweep"]])
-    print_table(f"ITC stage versus gallery size ({s['queries']} queries, synthetic unit embeddings)",
-                ["gallery", "seconds", "ms/query", "peak RSS MB", "fast-ITM K/V MB", "K/V mode"],
-                [[row["gallery"], row["wall_s"], row["s_per_query"] * 1000, row["peak_rss_mb"], row["fast_itm_kv_cache_mb"],
-                  row["fast_itm_kv_mode"]] for row in results["itc_sweep"]])
-    print(f"\nfast-ITM image key/value projection: {results['kv_projection']['s_per_1000_images']:.3f} s per 1,000 images")
+    print(
+        f"\nranking identical to the reference on the {r['queries_compared']} queries compared: "
+        f"{'yes' if r['identical'] else 'no'} ({r['identical_rows']} rows identical, max |ITM diff| {r['max_abs_itm_diff']:.2e})"
+    )
+    print_table(
+        "cost versus k",
+        ["k", "ours s/query", "reference s/query", "speed-up"],
+        [
+            [row["k"], row["ours_s_per_query"], row.get("reference_s_per_query", "-"), row.get("speedup", "-")]
+            for row in results["k_sweep"]
+        ],
+    )
+    print_table(
+        f"ITC stage versus gallery size ({s['queries']} queries, synthetic unit embeddings)",
+        ["gallery", "seconds", "ms/query", "peak RSS MB", "fast-ITM K/V MB", "K/V mode"],
+        [
+            [
+                row["gallery"],
+                row["wall_s"],
+                row["s_per_query"] * 1000,
+                row["peak_rss_mb"],
+                row["fast_itm_kv_cache_mb"],
+                row["fast_itm_kv_mode"],
+            ]
+            for row in results["itc_sweep"]
+        ],
+    )
+    print(
+        f"\nfast-ITM image key/value projection: {results['kv_projection']['s_per_1000_images']:.3f} s per 1,000 images"
+    )
 
 
 @config_command(ItmBenchConfig, help="Benchmark ITM re-ranking: the field's per-query loop vs tpas's exact fast path.")

@@ -55,8 +55,10 @@ class BenchTrainConfig:
     subset: int = field(2000, "Training pairs sampled (seeded) for the loader; more than the steps need.")
     steps: int = field(10, "Timed steps per setting.")
     warmup: int = field(2, "Untimed steps per setting before the timed ones (workers start, caches fill).")
-    settings: list[str] = field(["w0", "w1", "w2", "w0+memory", "w1+memory"],
-                                "Loader settings to time, in order: w<workers>[+memory|+disk]. Repeat the flag for several.")
+    settings: list[str] = field(
+        ["w0", "w1", "w2", "w0+memory", "w1+memory"],
+        "Loader settings to time, in order: w<workers>[+memory|+disk]. Repeat the flag for several.",
+    )
     device: str = field("auto", "auto, cpu or cuda (as train.py).", choices=["auto", "cpu", "cuda"])
     precision: str = field("auto", "auto, fp32, bf16 or fp16 (as train.py).", choices=["auto", "fp32", "bf16", "fp16"])
     threads: int = field(0, "Torch CPU threads (0 = torch's default: all cores).")
@@ -89,11 +91,21 @@ def _worker_pids(loader: torch.utils.data.DataLoader) -> list[int]:
     return [w.pid for w in getattr(iterator, "_workers", [])]
 
 
-def time_setting(cfg: BenchTrainConfig, setting: str, frame: Any, model: model_lib.RetrievalModel, text: Any,
-                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, runtime: Runtime) -> dict:
+def time_setting(
+    cfg: BenchTrainConfig,
+    setting: str,
+    frame: Any,
+    model: model_lib.RetrievalModel,
+    text: Any,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    runtime: Runtime,
+) -> dict:
     match = SETTING.match(setting)
     if not match:
-        raise TpasError(f"--settings {setting!r}: expected w<workers> optionally followed by +memory or +disk, e.g. w2+memory.")
+        raise TpasError(
+            f"--settings {setting!r}: expected w<workers> optionally followed by +memory or +disk, e.g. w2+memory."
+        )
     workers, cache_mode = int(match[1]), match[2] or "none"
     transform = model_lib.image_transform(model.cfg, train=True)
     dataset = PairDataset(frame, cfg.data_root, transform, cfg.seed)
@@ -104,12 +116,12 @@ def time_setting(cfg: BenchTrainConfig, setting: str, frame: Any, model: model_l
             raise TpasError(f"--settings {setting}: the {cfg.model} transform has no fixed-size Resize to cache.")
         start = time.perf_counter()
         folder = cfg.output.parent / "train_image_cache"
-        dataset.cache = build_image_cache(dataset.image_paths(), cfg.data_root, resize, cache_mode, folder,
-                                                   progress=cfg.progress)
+        dataset.cache = build_image_cache(
+            dataset.image_paths(), cfg.data_root, resize, cache_mode, folder, progress=cfg.progress
+        )
         cache_s, cache_mb = time.perf_counter() - start, dataset.cache.array.nbytes / 2**20
     sampler = ResumableSampler(len(dataset), cfg.seed, cfg.batch_size)
-    loader = make_loader(dataset, sampler, make_collate(text), workers,
-                                  runtime, cfg.seed)
+    loader = make_loader(dataset, sampler, make_collate(text), workers, runtime, cfg.seed)
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(runtime.device)
     totals: dict[str, float] = {}
@@ -141,30 +153,55 @@ def time_setting(cfg: BenchTrainConfig, setting: str, frame: Any, model: model_l
     worker_mb = sum(_private_mb(pid) for pid in _worker_pids(loader))
     del batches, loader
     wall = sum(per_step)
-    result = {"setting": setting, "workers": workers, "image_cache": cache_mode, "steps": cfg.steps,
-              "pairs_per_s": round(cfg.batch_size * cfg.steps / wall, 2), "step_s": round(wall / cfg.steps, 4),
-              "step_s_median": round(float(np.median(per_step)), 4)}
-    result.update({f"{name}_s": round(totals.get(name, 0.0) / cfg.steps, 4)
-                   for name in ("wait", "forward", "backward", "optimizer")})
+    result = {
+        "setting": setting,
+        "workers": workers,
+        "image_cache": cache_mode,
+        "steps": cfg.steps,
+        "pairs_per_s": round(cfg.batch_size * cfg.steps / wall, 2),
+        "step_s": round(wall / cfg.steps, 4),
+        "step_s_median": round(float(np.median(per_step)), 4),
+    }
+    result.update(
+        {
+            f"{name}_s": round(totals.get(name, 0.0) / cfg.steps, 4)
+            for name in ("wait", "forward", "backward", "optimizer")
+        }
+    )
     result["wait_share"] = round(totals.get("wait", 0.0) / wall, 3)
     # CPU seconds per step: the model's (main process, outside the wait) and the loading's (the
     # workers', or the main process's while it waited); on a shared machine these stay meaningful
     result["model_cpu_s"] = round(totals.get("model_cpu", 0.0) / cfg.steps, 4)
     result["load_cpu_s"] = round((totals.get("load_cpu_main", 0.0) + workers_cpu) / cfg.steps, 4)
-    result.update({"main_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                   "workers_private_mb": round(worker_mb, 1), "cache_mb": round(cache_mb, 1), "cache_build_s": round(cache_s, 2)})
+    result.update(
+        {
+            "main_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "workers_private_mb": round(worker_mb, 1),
+            "cache_mb": round(cache_mb, 1),
+            "cache_build_s": round(cache_s, 2),
+        }
+    )
     if runtime.device.type == "cuda":
         result["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(runtime.device) / 2**20, 1)
     return result
 
 
 def format_table(results: list[dict]) -> str:
-    columns = [("setting", "setting", "{}"), ("pairs/s", "pairs_per_s", "{:.1f}"), ("s/step", "step_s", "{:.3f}"),
-               ("wait", "wait_s", "{:.3f}"), ("forward", "forward_s", "{:.3f}"), ("backward", "backward_s", "{:.3f}"),
-               ("optim", "optimizer_s", "{:.3f}"), ("wait %", "wait_share", "{:.0%}"),
-               ("model CPU s", "model_cpu_s", "{:.2f}"), ("loading CPU s", "load_cpu_s", "{:.3f}"),
-               ("peak RSS MB", "main_peak_rss_mb", "{:.0f}"), ("workers private MB", "workers_private_mb", "{:.0f}"),
-               ("cache MB (build s)", None, None)]
+    columns = [
+        ("setting", "setting", "{}"),
+        ("pairs/s", "pairs_per_s", "{:.1f}"),
+        ("s/step", "step_s", "{:.3f}"),
+        ("wait", "wait_s", "{:.3f}"),
+        ("forward", "forward_s", "{:.3f}"),
+        ("backward", "backward_s", "{:.3f}"),
+        ("optim", "optimizer_s", "{:.3f}"),
+        ("wait %", "wait_share", "{:.0%}"),
+        ("model CPU s", "model_cpu_s", "{:.2f}"),
+        ("loading CPU s", "load_cpu_s", "{:.3f}"),
+        ("peak RSS MB", "main_peak_rss_mb", "{:.0f}"),
+        ("workers private MB", "workers_private_mb", "{:.0f}"),
+        ("cache MB (build s)", None, None),
+    ]
     if any("cuda_peak_mb" in r for r in results):
         columns.append(("CUDA peak MB", "cuda_peak_mb", "{:.0f}"))
     lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
@@ -198,25 +235,40 @@ def run(cfg: BenchTrainConfig) -> dict:
     optimizer = torch.optim.AdamW(model.param_groups(0.01, 1e-4, 5.0), lr=1e-4)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
     results = [time_setting(cfg, s, frame, model, text, optimizer, scaler, runtime) for s in cfg.settings]
-    report = {"config": cfg, "results": results,
-              "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(runtime.device),
-                          "precision": runtime.precision, "torch": torch.__version__, "python": platform.python_version(),
-                          "gpu": torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else None,
-                          # the 1-minute load average before and after: other work on the machine skews the figures
-                          "load_average_before": round(load_before[0], 2), "load_average_after": round(os.getloadavg()[0], 2)},
-              "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    report = {
+        "config": cfg,
+        "results": results,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(runtime.device),
+            "precision": runtime.precision,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else None,
+            # the 1-minute load average before and after: other work on the machine skews the figures
+            "load_average_before": round(load_before[0], 2),
+            "load_average_after": round(os.getloadavg()[0], 2),
+        },
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
     write_json(cfg.output, report)
     return report
 
 
-@config_command(BenchTrainConfig, help="Time training steps (data wait / forward / backward / optimizer) for several loader settings.")
+@config_command(
+    BenchTrainConfig,
+    help="Time training steps (data wait / forward / backward / optimizer) for several loader settings.",
+)
 def main(cfg: BenchTrainConfig) -> None:
     report = run(cfg)
     machine = report["machine"]
     print(format_table(report["results"]))
-    print(f"{cfg.model}, batch {cfg.batch_size}, {cfg.steps} timed steps per setting on {machine['device']} "
-          f"({machine['precision']}, {machine['torch_threads']} torch threads, {machine['cpus']} CPUs, load average "
-          f"{machine['load_average_before']} -> {machine['load_average_after']}) -> {cfg.output}")
+    print(
+        f"{cfg.model}, batch {cfg.batch_size}, {cfg.steps} timed steps per setting on {machine['device']} "
+        f"({machine['precision']}, {machine['torch_threads']} torch threads, {machine['cpus']} CPUs, load average "
+        f"{machine['load_average_before']} -> {machine['load_average_after']}) -> {cfg.output}"
+    )
 
 
 if __name__ == "__main__":

@@ -73,8 +73,7 @@ class _Parts:
     scene: str  # "" when the scene is not mentioned
 
 
-def _parts(app: Appearance, action: str, scene: str, rng: np.random.Generator, must: set[str],
-           heldout: bool) -> _Parts:
+def _parts(app: Appearance, action: str, scene: str, rng: np.random.Generator, must: set[str], heldout: bool) -> _Parts:
     slots = _mentions(app, rng, must)
     nouns = _HELDOUT_SUBJECT_NOUNS if heldout else _SUBJECT_NOUNS
     noun = _pick(rng, nouns[app.gender])
@@ -105,9 +104,18 @@ def _parts(app: Appearance, action: str, scene: str, rng: np.random.Generator, m
         items.append(_bare(bag))
     phrases = HELDOUT_ACTION_PHRASES if heldout else ACTION_PHRASES
     scenes = HELDOUT_SCENE_PHRASES if heldout else SCENE_PHRASES
-    return _Parts(subject=subject, noun=noun, pron=_PRONOUN[app.gender], top=top, bottom=bottom,
-                  attrib=attrib, predic=predic, items=items, action=_pick(rng, phrases[action]),
-                  scene=_pick(rng, scenes[scene]) if "scene" in slots else "")
+    return _Parts(
+        subject=subject,
+        noun=noun,
+        pron=_PRONOUN[app.gender],
+        top=top,
+        bottom=bottom,
+        attrib=attrib,
+        predic=predic,
+        items=items,
+        action=_pick(rng, phrases[action]),
+        scene=_pick(rng, scenes[scene]) if "scene" in slots else "",
+    )
 
 
 def _outfit(p: _Parts) -> str:
@@ -115,7 +123,7 @@ def _outfit(p: _Parts) -> str:
 
 
 def _sp(text: str) -> str:
-    """" text" or "" so optional pieces drop out cleanly."""
+    """ " text" or "" so optional pieces drop out cleanly."""
     return f" {text}" if text else ""
 
 
@@ -125,39 +133,59 @@ def _tail(p: _Parts, lead: str) -> str:
 
 # Template set A: used for training captions and the challenge queries.
 _TEMPLATES_A: tuple[Callable[[_Parts], str], ...] = (
-    lambda p: f"{_cap(p.subject)} wearing {_outfit(p)}{', ' + _join(p.attrib) + ',' if p.attrib else ''}"
-              f" is {p.action}{_sp(p.scene)}.",
+    lambda p: (
+        f"{_cap(p.subject)} wearing {_outfit(p)}{', ' + _join(p.attrib) + ',' if p.attrib else ''}"
+        f" is {p.action}{_sp(p.scene)}."
+    ),
     lambda p: f"{_cap(p.subject)} in {_outfit(p)} {p.action}{_sp(p.scene)}.{_tail(p, _cap(p.pron))}",
-    lambda p: (f"{_cap(p.scene)}, {p.subject} dressed in {_outfit(p)} is {p.action}.{_tail(p, _cap(p.pron))}"
-               if p.scene else
-               f"{_cap(p.subject)} dressed in {_outfit(p)} is {p.action}.{_tail(p, _cap(p.pron))}"),
-    lambda p: f"This {p.noun} is {p.action}{_sp(p.scene)}. {_cap(p.pron)} is wearing {_outfit(p)}."
-              f"{_tail(p, _cap(p.pron))}",
-    lambda p: f"{_cap(p.subject)} {p.action}{_sp(p.scene)}, wearing {_outfit(p)}"
-              f"{', ' + _join(p.attrib) if p.attrib else ''}.",
-    lambda p: f"An image of {p.subject} in {_outfit(p)} who is {p.action}{_sp(p.scene)}."
-              f"{_tail(p, _cap(p.pron))}",
-    lambda p: f"{_cap(p.action)}{_sp(p.scene)}: {p.subject} in {_outfit(p)}"
-              f"{', ' + _join(p.attrib) if p.attrib else ''}.",
+    lambda p: (
+        f"{_cap(p.scene)}, {p.subject} dressed in {_outfit(p)} is {p.action}.{_tail(p, _cap(p.pron))}"
+        if p.scene
+        else f"{_cap(p.subject)} dressed in {_outfit(p)} is {p.action}.{_tail(p, _cap(p.pron))}"
+    ),
+    lambda p: (
+        f"This {p.noun} is {p.action}{_sp(p.scene)}. {_cap(p.pron)} is wearing {_outfit(p)}.{_tail(p, _cap(p.pron))}"
+    ),
+    lambda p: (
+        f"{_cap(p.subject)} {p.action}{_sp(p.scene)}, wearing {_outfit(p)}{', ' + _join(p.attrib) if p.attrib else ''}."
+    ),
+    lambda p: f"An image of {p.subject} in {_outfit(p)} who is {p.action}{_sp(p.scene)}.{_tail(p, _cap(p.pron))}",
+    lambda p: (
+        f"{_cap(p.action)}{_sp(p.scene)}: {p.subject} in {_outfit(p)}{', ' + _join(p.attrib) if p.attrib else ''}."
+    ),
 )
 # Template set B: different sentence structures; only for the held-out query captions.
 _TEMPLATES_B: tuple[Callable[[_Parts], str], ...] = (
-    lambda p: f"Looking for {p.subject} {p.action}{_sp(p.scene)}; {p.pron} has on {_outfit(p)}."
-              f"{_tail(p, _cap(p.pron) + ' also')}",
-    lambda p: f"{_cap(p.subject)} whose outfit is {_outfit(p)} can be seen {p.action}{_sp(p.scene)}."
-              f"{_tail(p, 'The ' + p.noun)}",
+    lambda p: (
+        f"Looking for {p.subject} {p.action}{_sp(p.scene)}; {p.pron} has on {_outfit(p)}."
+        f"{_tail(p, _cap(p.pron) + ' also')}"
+    ),
+    lambda p: (
+        f"{_cap(p.subject)} whose outfit is {_outfit(p)} can be seen {p.action}{_sp(p.scene)}."
+        f"{_tail(p, 'The ' + p.noun)}"
+    ),
     lambda p: f"Target: {p.noun}; clothing: {', '.join(p.items)}; behaviour: {p.action}{_sp(p.scene)}.",
     lambda p: f"Someone is {p.action}{_sp(p.scene)} - {p.pron} is clad in {_outfit(p)}.{_tail(p, 'This ' + p.noun)}",
-    lambda p: f"Visible here: {p.subject} {p.action}, clothed in {_outfit(p)}"
-              f"{', ' + _join(p.attrib) if p.attrib else ''}{_sp(p.scene)}.",
-    lambda p: f"{_cap(p.subject)} sporting {_outfit(p)}{', ' + _join(p.attrib) if p.attrib else ''},"
-              f" {p.action}{_sp(p.scene)}.",
+    lambda p: (
+        f"Visible here: {p.subject} {p.action}, clothed in {_outfit(p)}"
+        f"{', ' + _join(p.attrib) if p.attrib else ''}{_sp(p.scene)}."
+    ),
+    lambda p: (
+        f"{_cap(p.subject)} sporting {_outfit(p)}{', ' + _join(p.attrib) if p.attrib else ''},"
+        f" {p.action}{_sp(p.scene)}."
+    ),
     lambda p: f"The picture shows {p.subject} {p.action}{_sp(p.scene)}. Outfit: {', '.join(p.items)}.",
 )
 
 
-def make_caption(app: Appearance, action: str, scene: str, rng: np.random.Generator,
-                 must: set[str] | frozenset = frozenset(), heldout: bool = False) -> str:
+def make_caption(
+    app: Appearance,
+    action: str,
+    scene: str,
+    rng: np.random.Generator,
+    must: set[str] | frozenset = frozenset(),
+    heldout: bool = False,
+) -> str:
     """One caption: always the action and the top's colour and type, a random subset of the rest.
 
     `must` lists slots ("bottom", "hair", ...) that have to be stated (near-twins differ there);

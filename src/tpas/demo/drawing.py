@@ -177,8 +177,12 @@ def _draw_figure(pt: _Painter, f: _Fig, rng: np.random.Generator) -> None:
         for i in (0, 1):
             mid = j[f"hp{i}"] + (j[f"kn{i}"] - j[f"hp{i}"]) * 0.55
             pts += [tuple(mid + perp * 0.06), tuple(mid - perp * 0.06)]
-        pts += [tuple(low + perp * (hw + 0.005)), tuple(low - perp * (hw + 0.005)),
-                tuple(j["hip"] + up * 0.02 + perp * hw), tuple(j["hip"] + up * 0.02 - perp * hw)]
+        pts += [
+            tuple(low + perp * (hw + 0.005)),
+            tuple(low - perp * (hw + 0.005)),
+            tuple(j["hip"] + up * 0.02 + perp * hw),
+            tuple(j["hip"] + up * 0.02 - perp * hw),
+        ]
         pt.d.polygon(_hull([pt.px(np.asarray(p)) for p in pts]), fill=bottom)
     if side:
         leg(1, 1.0)
@@ -216,15 +220,30 @@ def _draw_figure(pt: _Painter, f: _Fig, rng: np.random.Generator) -> None:
         if a.hat == "cap":
             pt.slice(head, R_HEAD * 1.1, head_up, 90, hat)
             if side:
-                pt.limb([head + head_up * R_HEAD * 0.25, head + head_up * R_HEAD * 0.2 + fwd * R_HEAD * 1.6],
-                        R_HEAD * 0.3, _shade(hat, 0.85))
+                pt.limb(
+                    [head + head_up * R_HEAD * 0.25, head + head_up * R_HEAD * 0.2 + fwd * R_HEAD * 1.6],
+                    R_HEAD * 0.3,
+                    _shade(hat, 0.85),
+                )
             else:
-                pt.limb([head + head_up * R_HEAD * 0.3 - side_dir * R_HEAD * 1.1,
-                         head + head_up * R_HEAD * 0.3 + side_dir * R_HEAD * 1.1], R_HEAD * 0.28, _shade(hat, 0.85))
+                pt.limb(
+                    [
+                        head + head_up * R_HEAD * 0.3 - side_dir * R_HEAD * 1.1,
+                        head + head_up * R_HEAD * 0.3 + side_dir * R_HEAD * 1.1,
+                    ],
+                    R_HEAD * 0.28,
+                    _shade(hat, 0.85),
+                )
         else:
             pt.slice(head + head_up * R_HEAD * 0.2, R_HEAD * 1.08, head_up, 90, hat)
-            pt.limb([head + head_up * R_HEAD * 0.22 - side_dir * R_HEAD * 1.05,
-                     head + head_up * R_HEAD * 0.22 + side_dir * R_HEAD * 1.05], R_HEAD * 0.35, _shade(hat, 0.8))
+            pt.limb(
+                [
+                    head + head_up * R_HEAD * 0.22 - side_dir * R_HEAD * 1.05,
+                    head + head_up * R_HEAD * 0.22 + side_dir * R_HEAD * 1.05,
+                ],
+                R_HEAD * 0.35,
+                _shade(hat, 0.8),
+            )
 
 
 def _draw_prop(pt: _Painter, prop: _Prop, rng: np.random.Generator) -> None:
@@ -243,6 +262,7 @@ def _draw_prop(pt: _Painter, prop: _Prop, rng: np.random.Generator) -> None:
 
 
 # ---- backgrounds: muted palettes so clothing colours stay the most saturated thing in view ----
+
 
 def _muted(rng: np.random.Generator, base: Sequence[int], spread: int = 18) -> RGB:
     offs = rng.integers(-spread, spread + 1, size=3)
@@ -351,8 +371,13 @@ def _bg_plaza(d, W, H, hy, rng):
         d.line((W / 2 + (lx - W / 2) * 0.15, hy, lx, H), fill=_shade(stone, 0.86), width=1)
 
 
-_BACKGROUNDS = {"street": _bg_street, "park": _bg_park, "indoor": _bg_indoor,
-                "parking_lot": _bg_parking, "plaza": _bg_plaza}
+_BACKGROUNDS = {
+    "street": _bg_street,
+    "park": _bg_park,
+    "indoor": _bg_indoor,
+    "parking_lot": _bg_parking,
+    "plaza": _bg_plaza,
+}
 
 
 def _extent(figs: list[_Fig], props: list[_Prop]) -> tuple[float, float, float, float]:
@@ -415,7 +440,7 @@ def render_image(spec: ImageSpec, seed: int, image_size: tuple[int, int] = (128,
     arr = np.asarray(img, dtype=np.float32) * _u(rng, 0.88, 1.08)
     bank = _noise_bank(seed)
     start = int(rng.random() * (bank.size - arr.size))
-    arr += bank[start:start + arr.size].reshape(arr.shape) * _u(rng, 2.0, 6.0)
+    arr += bank[start : start + arr.size].reshape(arr.shape) * _u(rng, 2.0, 6.0)
     np.clip(arr, 0, 255, out=arr)
     return Image.fromarray(arr.astype(np.uint8))
 

@@ -107,22 +107,43 @@ def _plan_train(seed: int, n_train: int) -> tuple[list[dict], list[ImageSpec], d
                     hard = _pick(hard_rng, pool)
                     break
             if hard is None:
-                pool = same_person or [h for h in by_action[s.action] if shots[h][1] != v] or [
-                    h for h in range(len(shots)) if h != g]
+                pool = (
+                    same_person
+                    or [h for h in by_action[s.action] if shots[h][1] != v]
+                    or [h for h in range(len(shots)) if h != g]
+                )
                 hard = _pick(hard_rng, pool) if pool else g
-        records.append({
-            "image": paths[g], "caption": captions[g], "image_id": ids[g],
-            "hard_i": paths[hard], "hard_c": captions[hard], "hard_i_id": ids[hard],
-            "source_id": f"{v}_{y}", "source_caption": video_captions[(v, y)],
-            "_action": s.action, "_scene": s.scene,
-        })
+        records.append(
+            {
+                "image": paths[g],
+                "caption": captions[g],
+                "image_id": ids[g],
+                "hard_i": paths[hard],
+                "hard_c": captions[hard],
+                "hard_i_id": ids[hard],
+                "source_id": f"{v}_{y}",
+                "source_caption": video_captions[(v, y)],
+                "_action": s.action,
+                "_scene": s.scene,
+            }
+        )
         specs.append(ImageSpec(_STREAM_TRAIN, g, s.person, s.appearance, s.action, s.scene, s.partner, (paths[g],)))
     n_abnormal = sum(1 for s, _, _ in shots if s.action in ABNORMAL_ACTIONS)
     stats = {"n_videos": video, "n_train_normal": len(shots) - n_abnormal, "n_train_abnormal": n_abnormal}
-    attrs = [{"image": paths[g], "split": "train", "person": s.person, "video": v, "action": s.action,
-              "abnormal": s.action in ABNORMAL_ACTIONS, "scene": s.scene, **_appearance_fields(s.appearance),
-              "partner": None if s.partner is None else _appearance_fields(s.partner)}
-             for g, (s, v, _) in enumerate(shots)]
+    attrs = [
+        {
+            "image": paths[g],
+            "split": "train",
+            "person": s.person,
+            "video": v,
+            "action": s.action,
+            "abnormal": s.action in ABNORMAL_ACTIONS,
+            "scene": s.scene,
+            **_appearance_fields(s.appearance),
+            "partner": None if s.partner is None else _appearance_fields(s.partner),
+        }
+        for g, (s, v, _) in enumerate(shots)
+    ]
     stats["attributes"] = attrs
     return records, specs, stats
 
@@ -165,8 +186,14 @@ def _plan_test(seed: int, n_test: int, n_distractors: int) -> tuple[list[_Shot],
         app = sample_appearance(rng)
         action = _pick(rng, ACTIONS)
         partner = _partner_for(app, rng) if action in TWO_PERSON_ACTIONS else None
-        base = _Shot(new_person(), app, action, _pick(rng, SCENES), partner,
-                     {"twin_group": group, "twin_kind": "single" if size == 1 else "base"})
+        base = _Shot(
+            new_person(),
+            app,
+            action,
+            _pick(rng, SCENES),
+            partner,
+            {"twin_group": group, "twin_kind": "single" if size == 1 else "base"},
+        )
         actions_of[base.person] = {action}
         members = [base]
         while len(members) < size:

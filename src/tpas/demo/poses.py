@@ -114,8 +114,9 @@ def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
     return lo + (hi - lo) * rng.random()  # rng.random() is several times cheaper than rng.uniform()
 
 
-def _compose(action: str, app: Appearance, partner: Appearance | None,
-             rng: np.random.Generator) -> tuple[list[_Fig], list[_Prop], float]:
+def _compose(
+    action: str, app: Appearance, partner: Appearance | None, rng: np.random.Generator
+) -> tuple[list[_Fig], list[_Prop], float]:
     """Pose the subject (first figure) and, for two-person actions, the other person.
 
     Returns figures, props and how far (body units) the group floats above the ground."""
@@ -123,8 +124,15 @@ def _compose(action: str, app: Appearance, partner: Appearance | None,
     props: list[_Prop] = []
     lift = 0.0
     if action == "standing":
-        figs = [_figure(app, "front", u(-2, 2), [("a", u(-12, -5), u(-8, 0)), ("a", u(5, 12), u(0, 8))],
-                        [(u(-5, -2), u(-3, 0)), (u(2, 5), u(0, 3))])]
+        figs = [
+            _figure(
+                app,
+                "front",
+                u(-2, 2),
+                [("a", u(-12, -5), u(-8, 0)), ("a", u(5, 12), u(0, 8))],
+                [(u(-5, -2), u(-3, 0)), (u(2, 5), u(0, 3))],
+            )
+        ]
     elif action == "waving":
         up_arm = ("a", u(115, 145), u(160, 200))
         down_arm = ("a", u(-12, -5), u(-8, 0))
@@ -162,13 +170,23 @@ def _compose(action: str, app: Appearance, partner: Appearance | None,
     elif action == "lying":
         bent = rng.random() < 0.35
         near_leg = (u(35, 55), u(-25, -5)) if bent else (u(0, 12), u(0, 8))
-        fig = _figure(app, "side", 0.0, [("a", u(-40, -15), u(-60, -20)), ("a", u(120, 170), u(140, 185))],
-                      [(u(-12, 0), u(-10, 0)), near_leg])
+        fig = _figure(
+            app,
+            "side",
+            0.0,
+            [("a", u(-40, -15), u(-60, -20)), ("a", u(120, 170), u(140, 185))],
+            [(u(-12, 0), u(-10, 0)), near_leg],
+        )
         fig.rotate(_pick(rng, (-1, 1)) * u(84, 96), np.zeros(2))
         figs = [fig]
     elif action == "falling":
-        fig = _figure(app, "side", 0.0, [("a", u(95, 130), u(60, 110)), ("a", u(135, 170), u(160, 210))],
-                      [(u(-10, 8), u(-12, 5)), (u(40, 70), u(15, 50))])
+        fig = _figure(
+            app,
+            "side",
+            0.0,
+            [("a", u(95, 130), u(60, 110)), ("a", u(135, 170), u(160, 210))],
+            [(u(-10, 8), u(-12, 5)), (u(40, 70), u(15, 50))],
+        )
         fig.rotate(_pick(rng, (-1, 1)) * u(38, 55), np.zeros(2))
         figs = [fig]
         lift = u(0.0, 0.08)
@@ -177,13 +195,27 @@ def _compose(action: str, app: Appearance, partner: Appearance | None,
         up, perp, _, _ = _frame(tau)
         belly = up * u(0.07, 0.13) + perp * 0.07
         th, sh_ = u(70, 85), u(-32, -15)
-        figs = [_figure(app, "side", tau, [("t", belly + np.array([0.0, 0.02]), 1), ("t", belly, 1)],
-                        [(th - 6, sh_ - 4), (th, sh_)], nu=u(10, 28))]
+        figs = [
+            _figure(
+                app,
+                "side",
+                tau,
+                [("t", belly + np.array([0.0, 0.02]), 1), ("t", belly, 1)],
+                [(th - 6, sh_ - 4), (th, sh_)],
+                nu=u(10, 28),
+            )
+        ]
     elif action == "being_hit":
         assert partner is not None
         v_tau, v_nu = u(-32, -20), u(-30, -15)
-        victim = _figure(app, "side", v_tau, [("a", u(-150, -115), u(-180, -135)), ("a", u(-100, -60), u(-60, -20))],
-                         [(u(-20, -8), u(-35, -20)), (u(15, 28), u(-10, 0))], nu=v_nu)
+        victim = _figure(
+            app,
+            "side",
+            v_tau,
+            [("a", u(-150, -115), u(-180, -135)), ("a", u(-100, -60), u(-60, -20))],
+            [(u(-20, -8), u(-35, -20)), (u(15, 28), u(-10, 0))],
+            nu=v_nu,
+        )
         head = victim.j["head"]
         contact = head + np.array([R_HEAD * 0.9, u(-0.01, 0.02)])
         a_tau = u(18, 28)
@@ -193,17 +225,25 @@ def _compose(action: str, app: Appearance, partner: Appearance | None,
             dy = contact[1] - sh[1]
             dist = contact[0] + sh[0] + math.sqrt(max(reach**2 - dy**2, 0.0))
             target = np.array([dist - contact[0], contact[1]])
-            attacker = _figure(partner, "side", a_tau,
-                               [("t", _frame(a_tau)[3] + np.array([0.09, -0.05]), -1), ("t", target, -1)],
-                               [(u(-32, -20), u(-15, -5)), (u(25, 38), u(0, 10))])
+            attacker = _figure(
+                partner,
+                "side",
+                a_tau,
+                [("t", _frame(a_tau)[3] + np.array([0.09, -0.05]), -1), ("t", target, -1)],
+                [(u(-32, -20), u(-15, -5)), (u(25, 38), u(0, 10))],
+            )
         else:  # club swung down onto the head
             hand = sh + 0.29 * _d(u(115, 140))
             stick = 0.3
             dy = contact[1] - hand[1]
             dist = contact[0] + hand[0] + math.sqrt(max(stick**2 - dy**2, 0.0))
-            attacker = _figure(partner, "side", a_tau,
-                               [("t", _frame(a_tau)[3] + np.array([0.09, -0.05]), -1), ("t", hand, 1)],
-                               [(u(-32, -20), u(-15, -5)), (u(25, 38), u(0, 10))])
+            attacker = _figure(
+                partner,
+                "side",
+                a_tau,
+                [("t", _frame(a_tau)[3] + np.array([0.09, -0.05]), -1), ("t", hand, 1)],
+                [(u(-32, -20), u(-15, -5)), (u(25, 38), u(0, 10))],
+            )
             hand_world = np.array([dist - attacker.j["ha1"][0], attacker.j["ha1"][1]])
             props.append(_Prop("stick", [hand_world, contact], 0.03))
         attacker.mirror(0.0)
@@ -222,8 +262,13 @@ def _compose(action: str, app: Appearance, partner: Appearance | None,
                 near = ("t", np.array([gap, head[1] + u(-0.1, 0.0)]), -1)
             else:
                 near = ("t", head + np.array([0.1, -0.06]), -1)
-            return _figure(a, "side", tau, [("t", head + np.array([0.08, -0.02]), -1), near],
-                           [(u(-28, -16), u(-12, -2)), (u(12, 24), u(-5, 5))])
+            return _figure(
+                a,
+                "side",
+                tau,
+                [("t", head + np.array([0.08, -0.02]), -1), near],
+                [(u(-28, -16), u(-12, -2)), (u(12, 24), u(-5, 5))],
+            )
 
         subject, other = fighter(app, puncher == 0), fighter(partner, puncher == 1)
         other.mirror(0.0)

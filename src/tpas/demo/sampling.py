@@ -27,6 +27,7 @@ from tpas.demo.vocabulary import (
 NAME_LEN = 15
 NAME_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
+
 def _pick(rng: np.random.Generator, seq: Sequence, p: Sequence[float] | None = None):
     """One item of `seq` (optionally weighted by `p`); one rng.random() call, the cheapest draw."""
     r = rng.random()
@@ -69,8 +70,12 @@ def sample_appearance(rng: np.random.Generator) -> Appearance:
 
 def _vary(app: Appearance, attr: str, rng: np.random.Generator) -> Appearance:
     """A look-alike: the same outfit with exactly one attribute changed."""
-    pools = {"top_colour": tuple(COLOURS), "bottom_colour": tuple(COLOURS),
-             "top_type": TOP_TYPES, "hair_colour": tuple(HAIR_COLOURS)}
+    pools = {
+        "top_colour": tuple(COLOURS),
+        "bottom_colour": tuple(COLOURS),
+        "top_type": TOP_TYPES,
+        "hair_colour": tuple(HAIR_COLOURS),
+    }
     choices = [v for v in pools[attr] if v != getattr(app, attr)]
     return replace(app, **{attr: _pick(rng, choices)})
 

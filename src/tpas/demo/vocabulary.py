@@ -54,8 +54,7 @@ ACTION_PHRASES: dict[str, tuple[str, ...]] = {
     "running": ("running", "jogging", "running fast"),
     "playing_football": ("playing football", "kicking a football", "kicking a ball"),
     "waving": ("waving", "waving a hand", "waving hello"),
-    "lying": ("lying on the ground", "lying on the pavement", "collapsed on the floor",
-              "lying flat on the ground"),
+    "lying": ("lying on the ground", "lying on the pavement", "collapsed on the floor", "lying flat on the ground"),
     "falling": ("falling down", "falling over", "tumbling to the ground"),
     "being_hit": ("being hit by another person", "being attacked", "being punched by someone"),
     "fighting": ("fighting with another person", "fighting", "in a fight"),
@@ -75,9 +74,15 @@ HELDOUT_ACTION_PHRASES: dict[str, tuple[str, ...]] = {
     "crouching_in_pain": ("bent over clutching the belly", "squatting in agony", "curled up and hurting"),
 }
 _SOURCE_PHRASES = {
-    "standing": "standing", "walking": "walking", "running": "running",
-    "playing_football": "playing football", "waving": "waving", "lying": "lying on the ground",
-    "falling": "falling down", "being_hit": "being hit by someone", "fighting": "fighting",
+    "standing": "standing",
+    "walking": "walking",
+    "running": "running",
+    "playing_football": "playing football",
+    "waving": "waving",
+    "lying": "lying on the ground",
+    "falling": "falling down",
+    "being_hit": "being hit by someone",
+    "fighting": "fighting",
     "crouching_in_pain": "crouching in pain",
 }
 SCENE_PHRASES: dict[str, tuple[str, ...]] = {
@@ -110,10 +115,14 @@ _BOTTOM_NOUNS = {
 _HAT_NOUNS = {"cap": ("cap", "baseball cap"), "beanie": ("beanie", "knit hat")}
 _BAG_NOUNS = {"backpack": ("backpack", "rucksack"), "shoulder bag": ("shoulder bag", "side bag")}
 _BUILD_ADJ = {"slim": ("slim", "thin"), "average": ("",), "heavy": ("heavy-set", "stocky")}
-_SUBJECT_NOUNS = {"man": ("man", "young man", "male pedestrian", "guy"),
-                  "woman": ("woman", "young woman", "female pedestrian", "lady")}
-_HELDOUT_SUBJECT_NOUNS = {"man": ("male person", "gentleman", "adult male"),
-                          "woman": ("female person", "girl", "adult female")}
+_SUBJECT_NOUNS = {
+    "man": ("man", "young man", "male pedestrian", "guy"),
+    "woman": ("woman", "young woman", "female pedestrian", "lady"),
+}
+_HELDOUT_SUBJECT_NOUNS = {
+    "man": ("male person", "gentleman", "adult male"),
+    "woman": ("female person", "girl", "adult female"),
+}
 _PRONOUN = {"man": "he", "woman": "she"}
 
 # Which caption slot must be mentioned so that a near-twin differing in this attribute is separable.

@@ -24,9 +24,9 @@ from PIL import Image, ImageOps
 
 from tpas.io import atomic_path, write_text
 
-TRUE_COLOUR = (30, 170, 60)      # green frame: the query's true image
-OTHER_COLOUR = (200, 200, 200)   # grey frame: any other gallery image
-THUMB_SIZE = (48, 96)            # (width, height): pedestrian crops are 1:2
+TRUE_COLOUR = (30, 170, 60)  # green frame: the query's true image
+OTHER_COLOUR = (200, 200, 200)  # grey frame: any other gallery image
+THUMB_SIZE = (48, 96)  # (width, height): pedestrian crops are 1:2
 
 
 @dataclass
@@ -54,8 +54,9 @@ def _thumb(path: str | Path, framed: bool, border: int = 3) -> Image.Image:
     return ImageOps.expand(small, border=border, fill=TRUE_COLOUR if framed else OTHER_COLOUR)
 
 
-def _strip(paths: dict[str, str], images: list[str], gt: str | None, show_gt: bool, gap: int = 4,
-           gt_gap: int = 24) -> Image.Image:
+def _strip(
+    paths: dict[str, str], images: list[str], gt: str | None, show_gt: bool, gap: int = 4, gt_gap: int = 24
+) -> Image.Image:
     """The ranked thumbnails side by side; with `show_gt`, the true image after a wider gap."""
     thumbs = [_thumb(paths[name], name == gt) for name in images]
     extra = _thumb(paths[gt], True) if show_gt and gt is not None and gt in paths else None
@@ -74,7 +75,7 @@ def _strip(paths: dict[str, str], images: list[str], gt: str | None, show_gt: bo
 def _wrap(text: str, width: int, lines: int) -> str:
     wrapped = textwrap.wrap(text, width) or [""]
     if len(wrapped) > lines:
-        wrapped = [*wrapped[: lines - 1], textwrap.shorten(" ".join(wrapped[lines - 1:]), width, placeholder=" ...")]
+        wrapped = [*wrapped[: lines - 1], textwrap.shorten(" ".join(wrapped[lines - 1 :]), width, placeholder=" ...")]
     return "\n".join(wrapped)
 
 
@@ -89,8 +90,9 @@ def ranked_lists_png(path: str | Path, panels: list[QueryPanel], gallery_paths: 
     width_px = max(s.width for s in strips) + label_px + 10
     chars = max(40, int((width_px - label_px) / 5.2))  # about 5 px per character at 7.5 pt
     captions = [_wrap(f"{p.note}: \u201c{p.caption}\u201d", chars, 2) if first else "" for p, _, first in rows]
-    heights = [s.height + (8 + 12 * (c.count("\n") + 1) if first else 6)
-               for s, c, (_, _, first) in zip(strips, captions, rows)]
+    heights = [
+        s.height + (8 + 12 * (c.count("\n") + 1) if first else 6) for s, c, (_, _, first) in zip(strips, captions, rows)
+    ]
     head = _wrap(title, int(width_px / 6.5), 3)
     head_px = 14 * (head.count("\n") + 1) + 8
     total = sum(heights) + head_px + 16  # room for the last row's "true" label
@@ -105,8 +107,15 @@ def ranked_lists_png(path: str | Path, panels: list[QueryPanel], gallery_paths: 
         ax.text(-8, strip.height / 2, row.label, ha="right", va="center", fontsize=8)
         if first:
             ax.text(0, -6, caption, ha="left", va="bottom", fontsize=7.5)
-            ax.text(strip.width - THUMB_SIZE[0] / 2 - 3, strip.height + 3, "true", ha="center", va="top", fontsize=7,
-                    color="#1eaa3c")
+            ax.text(
+                strip.width - THUMB_SIZE[0] / 2 - 3,
+                strip.height + 3,
+                "true",
+                ha="center",
+                va="top",
+                fontsize=7,
+                color="#1eaa3c",
+            )
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)
@@ -125,17 +134,23 @@ def _data_uri(path: str | Path) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def ranked_lists_html(path: str | Path, panels: list[QueryPanel], gallery_paths: dict[str, str], title: str,
-                      intro: str = "") -> None:
+def ranked_lists_html(
+    path: str | Path, panels: list[QueryPanel], gallery_paths: dict[str, str], title: str, intro: str = ""
+) -> None:
     """A static page with the same panels; thumbnails are small JPEGs embedded as data URIs."""
     uris: dict[str, str] = {}
     parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{html.escape(title)}</title>",
-        ("<style>body{font-family:sans-serif;max-width:980px;margin:1em auto}"
-         "img{margin:2px;border:3px solid #c8c8c8}img.gt{border-color:#1eaa3c}"
-         "td.label{padding-right:8px;font-size:90%;color:#555}h3{font-size:100%;margin:1.2em 0 .3em}"
-         "span.true{margin-left:20px;font-size:80%;color:#1eaa3c}</style>"),
-        "</head><body>", f"<h1>{html.escape(title)}</h1>",
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>",
+        (
+            "<style>body{font-family:sans-serif;max-width:980px;margin:1em auto}"
+            "img{margin:2px;border:3px solid #c8c8c8}img.gt{border-color:#1eaa3c}"
+            "td.label{padding-right:8px;font-size:90%;color:#555}h3{font-size:100%;margin:1.2em 0 .3em}"
+            "span.true{margin-left:20px;font-size:80%;color:#1eaa3c}</style>"
+        ),
+        "</head><body>",
+        f"<h1>{html.escape(title)}</h1>",
     ]
     if intro:
         parts.append(f"<p>{html.escape(intro)}</p>")
@@ -149,22 +164,31 @@ def ranked_lists_html(path: str | Path, panels: list[QueryPanel], gallery_paths:
                     uris[name] = _data_uri(gallery_paths[name])
                 cls = ' class="gt"' if name == panel.gt_image else ""
                 alt = html.escape(f"rank {rank}: {name}" + (" (true image)" if name == panel.gt_image else ""))
-                cells.append(f'<img{cls} src="{uris[name]}" alt="{alt}" title="{alt}" '
-                             f'width="{THUMB_SIZE[0]}" height="{THUMB_SIZE[1]}">')
+                cells.append(
+                    f'<img{cls} src="{uris[name]}" alt="{alt}" title="{alt}" '
+                    f'width="{THUMB_SIZE[0]}" height="{THUMB_SIZE[1]}">'
+                )
             if i == 0 and panel.gt_image in gallery_paths:
                 if panel.gt_image not in uris:
                     uris[panel.gt_image] = _data_uri(gallery_paths[panel.gt_image])
-                cells.append(f'<span class="true">true image: <img class="gt" src="{uris[panel.gt_image]}" '
-                             f'alt="true image {html.escape(panel.gt_image)}" width="{THUMB_SIZE[0]}" '
-                             f'height="{THUMB_SIZE[1]}"></span>')
+                cells.append(
+                    f'<span class="true">true image: <img class="gt" src="{uris[panel.gt_image]}" '
+                    f'alt="true image {html.escape(panel.gt_image)}" width="{THUMB_SIZE[0]}" '
+                    f'height="{THUMB_SIZE[1]}"></span>'
+                )
             parts.append(f'<tr><td class="label">{html.escape(row.label)}</td><td>{"".join(cells)}</td></tr>')
         parts.append("</table>")
     parts.append("</body></html>")
     write_text(path, "\n".join(parts) + "\n")
 
 
-def plot_subset_sweep(path: str | Path, sizes: list[int], series: dict[str, list[float]], title: str,
-                      xlabel: str = "training pairs in the subset (log scale)") -> None:
+def plot_subset_sweep(
+    path: str | Path,
+    sizes: list[int],
+    series: dict[str, list[float]],
+    title: str,
+    xlabel: str = "training pairs in the subset (log scale)",
+) -> None:
     """Line plot of each metric series against the subset size; written atomically as PNG."""
     fig, ax = plt.subplots(figsize=(6.0, 3.6), dpi=100)
     for name, values in series.items():

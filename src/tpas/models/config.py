@@ -37,8 +37,13 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 XVLM_TEXT: dict[str, Any] = {"caption_clean": "pre_caption", "max_words": 30, "trailing_sep": False, "max_tokens": 40}
 # CMP's (CMP_Baseline_Code: configs/cmp.yaml, dataset/utils.py, eval.py): X-VLM's pre_caption with
 # max_words 56, then transformers' BertTokenizer, which keeps the trailing [SEP], padded to max_length 56
-CMP_TEXT: dict[str, Any] = {"caption_clean": "pre_caption", "max_words": 56, "trailing_sep": True, "max_tokens": 56,
-                            "pad_to_max_tokens": True}
+CMP_TEXT: dict[str, Any] = {
+    "caption_clean": "pre_caption",
+    "max_words": 56,
+    "trailing_sep": True,
+    "max_tokens": 56,
+    "pad_to_max_tokens": True,
+}
 
 # The one table of named starting points; `ModelConfig.from_preset` applies them over the defaults.
 # A family (the "family" key, default xvlm) is the code that builds the model: tpas.models.registry.
@@ -51,10 +56,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         # initializer_range ~ 1/sqrt(hidden): BERT's 0.02 suits 768-d; at 32-d it leaves the
         # CLS state nearly blind to the other tokens and the model barely learns
-        "text_config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                        "intermediate_size": 64, "vocab_size": 30522, "initializer_range": 0.2},
-        "image_pretrained": False, "text_pretrained": False, "image_size": (64, 32),
-        "fusion_layers": 1, "embed_dim": 16, "score_rule": "tpas",
+        "text_config": {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "vocab_size": 30522,
+            "initializer_range": 0.2,
+        },
+        "image_pretrained": False,
+        "text_pretrained": False,
+        "image_size": (64, 32),
+        "fusion_layers": 1,
+        "embed_dim": 16,
+        "score_rule": "tpas",
     },
     # X-VLM-base (Swin-B + BERT-base, 6 text + 6 fusion layers) as CMP fine-tunes it on PAB: 224x224
     # input and window 7, the resolution X-VLM's 16M/4M checkpoints were pre-trained at (CMP's
@@ -62,45 +77,99 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The tokenizer is the packaged MiniLM's, whose vocab.txt is bert-base-uncased's (text_model
     # may name a local bert-base-uncased dir instead).
     "xvlm-base": {
-        "image_backbone": "swin_base_patch4_window7_224", "image_pretrained": False, "image_size": (224, 224),
-        "image_tokens": "direct", "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD,
-        "text_config": {}, "text_pretrained": False,  # {} = BertConfig's defaults = bert-base-uncased
-        "text_layers": 6, "fusion_layers": 6, "embed_dim": 256, "itm_head": "mlp", **XVLM_TEXT,
+        "image_backbone": "swin_base_patch4_window7_224",
+        "image_pretrained": False,
+        "image_size": (224, 224),
+        "image_tokens": "direct",
+        "image_mean": OPENAI_CLIP_MEAN,
+        "image_std": OPENAI_CLIP_STD,
+        "text_config": {},
+        "text_pretrained": False,  # {} = BertConfig's defaults = bert-base-uncased
+        "text_layers": 6,
+        "fusion_layers": 6,
+        "embed_dim": 256,
+        "itm_head": "mlp",
+        **XVLM_TEXT,
         "score_rule": "xvlm",
     },
     # CMP (the PAB baseline, CMP_Baseline_Code/models/cmp.py): X-VLM-base with CMP's ITC heads (pooled
     # tokens -> BatchNorm, dropout 0.5, Linear to 2048) and text pipeline. RANDOM unless train.py --init
     # loads CMP's released cmp.pth (or X-VLM's checkpoint, whose ITC heads then start fresh, as in CMP).
     "cmp": {
-        "image_backbone": "swin_base_patch4_window7_224", "image_pretrained": False, "image_size": (224, 224),
-        "image_tokens": "direct", "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD,
-        "text_config": {}, "text_pretrained": False,
-        "text_layers": 6, "fusion_layers": 6, "embed_dim": 2048, "itm_head": "mlp", "itc_head": "cmp", **CMP_TEXT,
+        "image_backbone": "swin_base_patch4_window7_224",
+        "image_pretrained": False,
+        "image_size": (224, 224),
+        "image_tokens": "direct",
+        "image_mean": OPENAI_CLIP_MEAN,
+        "image_std": OPENAI_CLIP_STD,
+        "text_config": {},
+        "text_pretrained": False,
+        "text_layers": 6,
+        "fusion_layers": 6,
+        "embed_dim": 2048,
+        "itm_head": "mlp",
+        "itc_head": "cmp",
+        **CMP_TEXT,
         "score_rule": "cmp",
     },
     # The same code path at toy size, random: tests and smoke runs.
     "xvlm-tiny": {
-        "image_backbone": "swin_tiny_patch4_window7_224", "image_pretrained": False, "image_size": (32, 32),
+        "image_backbone": "swin_tiny_patch4_window7_224",
+        "image_pretrained": False,
+        "image_size": (32, 32),
         "image_backbone_kwargs": {"embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4], "window_size": 4},
-        "image_tokens": "direct", "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD,
-        "text_config": {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2,
-                        "intermediate_size": 64, "vocab_size": 30522, "initializer_range": 0.2},
-        "text_pretrained": False, "text_layers": 2, "fusion_layers": 2, "embed_dim": 16, "itm_head": "mlp",
-        **XVLM_TEXT, "score_rule": "xvlm",
+        "image_tokens": "direct",
+        "image_mean": OPENAI_CLIP_MEAN,
+        "image_std": OPENAI_CLIP_STD,
+        "text_config": {
+            "hidden_size": 32,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "vocab_size": 30522,
+            "initializer_range": 0.2,
+        },
+        "text_pretrained": False,
+        "text_layers": 2,
+        "fusion_layers": 2,
+        "embed_dim": 16,
+        "itm_head": "mlp",
+        **XVLM_TEXT,
+        "score_rule": "xvlm",
     },
     # transformers' BlipForImageTextRetrieval (tpas.models.hf): pretrained ITC + ITM; --hf-model takes a
     # local dir saved from the hub (the hub name loads only from the cache or online)
-    "blip-itm": {"family": "blip", "hf_model": "Salesforce/blip-itm-base-coco", "image_size": (384, 384),
-                 "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD, "max_tokens": 35, "embed_dim": 256,
-                 "score_rule": "blip"},
+    "blip-itm": {
+        "family": "blip",
+        "hf_model": "Salesforce/blip-itm-base-coco",
+        "image_size": (384, 384),
+        "image_mean": OPENAI_CLIP_MEAN,
+        "image_std": OPENAI_CLIP_STD,
+        "max_tokens": 35,
+        "embed_dim": 256,
+        "score_rule": "blip",
+    },
     # transformers' CLIPModel (also EVA-CLIP-style checkpoints that load as one): ITC only, no ITM
-    "clip": {"family": "clip", "hf_model": "openai/clip-vit-base-patch16", "image_size": (224, 224),
-             "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD, "max_tokens": 77, "embed_dim": 512,
-             "score_rule": "itc"},
+    "clip": {
+        "family": "clip",
+        "hf_model": "openai/clip-vit-base-patch16",
+        "image_size": (224, 224),
+        "image_mean": OPENAI_CLIP_MEAN,
+        "image_std": OPENAI_CLIP_STD,
+        "max_tokens": 77,
+        "embed_dim": 512,
+        "score_rule": "itc",
+    },
 }
 
 
-TEXT_FIELDS = ("caption_clean", "max_words", "trailing_sep", "max_tokens", "pad_to_max_tokens")  # ModelConfig's text pipeline
+TEXT_FIELDS = (
+    "caption_clean",
+    "max_words",
+    "trailing_sep",
+    "max_tokens",
+    "pad_to_max_tokens",
+)  # ModelConfig's text pipeline
 IMAGE_TOKEN_MODES = ("projected", "direct")
 ITM_HEADS = ("linear", "mlp")
 ITC_HEADS = ("cls", "cmp")
@@ -109,44 +178,46 @@ ITC_HEADS = ("cls", "cmp")
 # alone they are random, which build_model says in a warning.
 INIT_ONLY_PRESETS = ("xvlm-base", "cmp")
 
+
 class RandomWeightsWarning(UserWarning):
     """A model meant to start from a checkpoint was built with random weights."""
+
 
 TEMP_RANGE = (0.001, 0.5)  # X-VLM's clamp for the learnable temperature
 
 
 @dataclass
 class ModelConfig:
-    preset: str = "lite"                        # the preset this config started from (see PRESETS)
-    family: str = "xvlm"                        # which builder (tpas.models.registry): xvlm, blip, clip
+    preset: str = "lite"  # the preset this config started from (see PRESETS)
+    family: str = "xvlm"  # which builder (tpas.models.registry): xvlm, blip, clip
     image_backbone: str = "tf_efficientnet_lite0"  # timm name
-    image_size: tuple[int, int] = (128, 64)     # (H, W); pedestrian crops
-    image_pretrained: bool = True               # load the packaged ImageNet weights
-    text_model: str | None = None               # dir of a BERT-like model; None = packaged MiniLM-L6
-    text_config: dict | None = None             # build a RANDOM BertModel from this config (tests, tiny)
+    image_size: tuple[int, int] = (128, 64)  # (H, W); pedestrian crops
+    image_pretrained: bool = True  # load the packaged ImageNet weights
+    text_model: str | None = None  # dir of a BERT-like model; None = packaged MiniLM-L6
+    text_config: dict | None = None  # build a RANDOM BertModel from this config (tests, tiny)
     text_pretrained: bool = True
-    fusion_layers: int = 2                      # initialised from the text model's top layers
+    fusion_layers: int = 2  # initialised from the text model's top layers
     # X-VLM-style models (see the xvlm-* presets); the defaults keep lite/tiny as they were
-    image_backbone_kwargs: dict | None = None   # extra timm.create_model arguments (e.g. a tiny Swin's dims)
-    image_tokens: str = "projected"             # projected: CNN map -> text width (+ pos embed, norm); direct: X-VLM
-    text_layers: int | None = None              # keep only the first N text layers; fusion starts from layer N
-    itm_head: str = "linear"                    # linear | mlp (X-VLM's Linear, LayerNorm, GELU, Linear)
-    itc_head: str = "cls"                       # cls: Linear on the CLS (X-VLM); cmp: CMP's pooled BatchNorm head
-    itc_dropout: float = 0.5                    # itc_head cmp: dropout before its Linear (CMP's itc_dp)
-    embed_dim: int = 256                        # ITC projection size
+    image_backbone_kwargs: dict | None = None  # extra timm.create_model arguments (e.g. a tiny Swin's dims)
+    image_tokens: str = "projected"  # projected: CNN map -> text width (+ pos embed, norm); direct: X-VLM
+    text_layers: int | None = None  # keep only the first N text layers; fusion starts from layer N
+    itm_head: str = "linear"  # linear | mlp (X-VLM's Linear, LayerNorm, GELU, Linear)
+    itc_head: str = "cls"  # cls: Linear on the CLS (X-VLM); cmp: CMP's pooled BatchNorm head
+    itc_dropout: float = 0.5  # itc_head cmp: dropout before its Linear (CMP's itc_dp)
+    embed_dim: int = 256  # ITC projection size
     # the text pipeline (tpas.models.text); these defaults are MiniLM's/BERT's own: whitespace stripped,
     # [CLS] ... [SEP], 70 ids (the lite preset, and every run trained before pipelines were recorded)
-    caption_clean: str = "strip"                # strip | pre_caption (X-VLM's cleaning)
-    max_words: int = 30                         # words kept by pre_caption
-    trailing_sep: bool = True                   # False: X-VLM's tokenizer, no [SEP]
-    max_tokens: int = 70                        # ids per caption, special tokens included
-    pad_to_max_tokens: bool = False             # pad to max_tokens, not the longest (CMP pools padding too)
-    temp: float = 0.07                          # learnable, clamped to TEMP_RANGE
-    score_rule: str = "tpas"                    # infer.py's default --score (tpas.scores)
+    caption_clean: str = "strip"  # strip | pre_caption (X-VLM's cleaning)
+    max_words: int = 30  # words kept by pre_caption
+    trailing_sep: bool = True  # False: X-VLM's tokenizer, no [SEP]
+    max_tokens: int = 70  # ids per caption, special tokens included
+    pad_to_max_tokens: bool = False  # pad to max_tokens, not the longest (CMP pools padding too)
+    temp: float = 0.07  # learnable, clamped to TEMP_RANGE
+    score_rule: str = "tpas"  # infer.py's default --score (tpas.scores)
     image_mean: tuple[float, float, float] = IMAGE_MEAN
     image_std: tuple[float, float, float] = IMAGE_STD
-    hf_model: str | None = None                 # blip/clip: a local transformers model dir (or a hub name online)
-    hf_config: dict | None = None               # blip/clip: build a RANDOM model from this config (tests)
+    hf_model: str | None = None  # blip/clip: a local transformers model dir (or a hub name online)
+    hf_config: dict | None = None  # blip/clip: build a RANDOM model from this config (tests)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:

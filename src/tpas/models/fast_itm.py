@@ -41,8 +41,13 @@ def supports(model: nn.Module) -> bool:
     # the model names its stock layer class: this module builds on tpas.models.xvlm without importing it
     stock = getattr(model, "STOCK_FUSION_LAYER", None)
     fusion = getattr(model, "fusion", None)
-    return (stock is not None and fusion is not None and not model.training and len(fusion) > 0
-            and all(type(layer) is stock for layer in fusion))
+    return (
+        stock is not None
+        and fusion is not None
+        and not model.training
+        and len(fusion) > 0
+        and all(type(layer) is stock for layer in fusion)
+    )
 
 
 class FastItmScorer:
@@ -53,8 +58,14 @@ class FastItmScorer:
     call for the distinct images it needs.
     """
 
-    def __init__(self, model: nn.Module, image_embeds: torch.Tensor, cache_bytes: int = 1 << 30,
-                 project_batch: int = 1024, ffn_rows: int = 1024):
+    def __init__(
+        self,
+        model: nn.Module,
+        image_embeds: torch.Tensor,
+        cache_bytes: int = 1 << 30,
+        project_batch: int = 1024,
+        ffn_rows: int = 1024,
+    ):
         if not supports(model):
             raise ValueError("FastItmScorer needs an XVLMModel in eval mode with stock FusionLayers.")
         self.model = model
@@ -66,9 +77,11 @@ class FastItmScorer:
         width = sum(2 * layer.crossattention.self.key.out_features for layer in self.layers)
         self._cached: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         if count * tokens * width * image_embeds.element_size() <= cache_bytes:
-            parts = [self._project(image_embeds[s:s + project_batch]) for s in range(0, count, project_batch)]
-            self._cached = [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts]))
-                            for i in range(len(self.layers))]
+            parts = [self._project(image_embeds[s : s + project_batch]) for s in range(0, count, project_batch)]
+            self._cached = [
+                (torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts]))
+                for i in range(len(self.layers))
+            ]
 
     def _project(self, embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Cross-attention (keys, values) [B, H, N, d] of each layer for images [B, N, D_img]."""
@@ -92,13 +105,14 @@ class FastItmScorer:
             return layer.output(layer.intermediate(x), x)
         out = torch.empty_like(flat)
         for s in range(0, len(flat), self.ffn_rows):
-            rows = flat[s:s + self.ffn_rows]
-            out[s:s + self.ffn_rows] = layer.output(layer.intermediate(rows), rows)
+            rows = flat[s : s + self.ffn_rows]
+            out[s : s + self.ffn_rows] = layer.output(layer.intermediate(rows), rows)
         return out.view_as(x)
 
     @staticmethod
-    def _cross(layer: nn.Module, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-               repeat: int = 1) -> torch.Tensor:
+    def _cross(
+        layer: nn.Module, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], repeat: int = 1
+    ) -> torch.Tensor:
         """Cross-attention block with precomputed image keys/values. With repeat > 1, x holds one
         row per query, shared by its `repeat` candidates (query projection and residual computed once)."""
         att = layer.crossattention
@@ -119,13 +133,13 @@ class FastItmScorer:
         """
         heads, key, value = att.heads, att.self.key, att.self.value
         cls = x[:, :1]
-        q = att.self.query(cls).unflatten(-1, (heads, -1))[:, 0]                       # [P, H, d]
+        q = att.self.query(cls).unflatten(-1, (heads, -1))[:, 0]  # [P, H, d]
         d = q.shape[-1]
         u = torch.einsum("phd,hde->phe", q, key.weight.view(heads, d, -1).to(q.dtype))  # [P, H, D]
-        scores = torch.bmm(u, x.transpose(1, 2).to(u.dtype)) * d ** -0.5                # [P, H, L]
+        scores = torch.bmm(u, x.transpose(1, 2).to(u.dtype)) * d**-0.5  # [P, H, L]
         scores = scores.float().masked_fill(~mask[:, None, :], float("-inf"))
         probs = scores.softmax(-1).to(x.dtype)
-        context = torch.bmm(probs, x)                                                     # [P, H, D]
+        context = torch.bmm(probs, x)  # [P, H, D]
         ctx = torch.einsum("phe,hde->phd", context, value.weight.view(heads, d, -1).to(context.dtype))
         ctx = ctx + value.bias.view(heads, d).to(ctx.dtype)
         return att.output(ctx.flatten(1)[:, None], cls)

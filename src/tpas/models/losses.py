@@ -28,27 +28,37 @@ def pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, extra) if t.dim() == 3 else (0, extra))
 
 
-def gather_batch(model: nn.Module, image_feat: torch.Tensor, text_feat: torch.Tensor, input_ids: torch.Tensor,
-               attention_mask: torch.Tensor, image_ids: torch.Tensor | None) -> dict[str, Any] | None:
+def gather_batch(
+    model: nn.Module,
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_ids: torch.Tensor | None,
+) -> dict[str, Any] | None:
     """The global batch (every rank's rows, in rank order) under torch.distributed with more
     than one rank, else None. Token tensors are padded to the longest caption of any rank."""
     rank, world = distributed.rank_and_world() if model.gather_across_ranks else (0, 1)
     if world == 1:
         return None
     batch = len(image_feat)
-    length, most, minus_fewest = distributed.max_over_ranks(input_ids.shape[1], batch, -batch,
-                                                            device=image_feat.device)
+    length, most, minus_fewest = distributed.max_over_ranks(input_ids.shape[1], batch, -batch, device=image_feat.device)
     if most != -minus_fewest:
         raise ValueError(f"every rank needs the same batch size to gather negatives; got {-minus_fewest} to {most}.")
-    return {"rows": slice(rank * batch, (rank + 1) * batch), "length": length,
-            "image_feat": distributed.all_gather(image_feat), "text_feat": distributed.all_gather(text_feat),
-            "input_ids": distributed.all_gather(pad_tokens(input_ids, length)),
-            "text_mask": distributed.all_gather(pad_tokens(attention_mask, length)),
-            "image_ids": distributed.all_gather(image_ids) if image_ids is not None else None}
+    return {
+        "rows": slice(rank * batch, (rank + 1) * batch),
+        "length": length,
+        "image_feat": distributed.all_gather(image_feat),
+        "text_feat": distributed.all_gather(text_feat),
+        "input_ids": distributed.all_gather(pad_tokens(input_ids, length)),
+        "text_mask": distributed.all_gather(pad_tokens(attention_mask, length)),
+        "image_ids": distributed.all_gather(image_ids) if image_ids is not None else None,
+    }
 
 
-def positive_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    image_ids: torch.Tensor | None) -> torch.Tensor:
+def positive_pairs(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, image_ids: torch.Tensor | None
+) -> torch.Tensor:
     """[B, B] bool: image i and caption j match (the diagonal, identical captions, same image)."""
     ids = input_ids * attention_mask  # padding ignored
     positive = (ids[:, None, :] == ids[None, :, :]).all(-1)
@@ -57,9 +67,15 @@ def positive_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return positive
 
 
-def itc_loss(temp: torch.Tensor, image_feat: torch.Tensor, text_feat: torch.Tensor, positive: torch.Tensor,
-              hard_image_feat: torch.Tensor | None, hard_text_feat: torch.Tensor | None,
-              everyone: dict[str, Any] | None = None) -> torch.Tensor:
+def itc_loss(
+    temp: torch.Tensor,
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    positive: torch.Tensor,
+    hard_image_feat: torch.Tensor | None,
+    hard_text_feat: torch.Tensor | None,
+    everyone: dict[str, Any] | None = None,
+) -> torch.Tensor:
     """X-VLM's symmetric contrastive loss; each row's own hard negative is one extra column.
     With `everyone` (see forward), this rank's rows are scored against the global batch."""
     if everyone is None:
@@ -76,7 +92,7 @@ def itc_loss(temp: torch.Tensor, image_feat: torch.Tensor, text_feat: torch.Tens
 
     def soft_ce(columns: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         log_prob = F.log_softmax(torch.cat(columns, dim=1) / temp, dim=1)
-        return -(log_prob[:, :target.shape[1]] * target).sum(1).mean()
+        return -(log_prob[:, : target.shape[1]] * target).sum(1).mean()
 
     return (soft_ce(i2t, targets) + soft_ce(t2i, targets)) / 2
 
@@ -89,11 +105,18 @@ def draw_negatives(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=weights.shape[1] - 1)
 
 
-def itm_loss(model: nn.Module, image_embeds: torch.Tensor, image_feat: torch.Tensor, text_embeds: torch.Tensor,
-              text_feat: torch.Tensor, text_mask: torch.Tensor, positive: torch.Tensor,
-              hard_image_embeds: torch.Tensor | None,
-              hard_text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-              everyone: dict[str, Any] | None = None) -> torch.Tensor:
+def itm_loss(
+    model: nn.Module,
+    image_embeds: torch.Tensor,
+    image_feat: torch.Tensor,
+    text_embeds: torch.Tensor,
+    text_feat: torch.Tensor,
+    text_mask: torch.Tensor,
+    positive: torch.Tensor,
+    hard_image_embeds: torch.Tensor | None,
+    hard_text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    everyone: dict[str, Any] | None = None,
+) -> torch.Tensor:
     """X-VLM's matching loss: per positive pair one negative image and one negative text,
     sampled in proportion to softmax(similarity) among non-matching ones, plus PAB's.
     With `everyone` (see forward), negatives come from the global batch (gathered with grad)."""
@@ -107,7 +130,11 @@ def itm_loss(model: nn.Module, image_embeds: torch.Tensor, image_feat: torch.Ten
         rows, total = everyone["rows"], len(everyone["image_feat"])
         all_image_embeds = distributed.all_gather(image_embeds)
         all_text_embeds = distributed.all_gather(pad_tokens(text_embeds, everyone["length"]))
-        all_text_mask, all_image_feat, all_text_feat = everyone["text_mask"], everyone["image_feat"], everyone["text_feat"]
+        all_text_mask, all_image_feat, all_text_feat = (
+            everyone["text_mask"],
+            everyone["image_feat"],
+            everyone["text_feat"],
+        )
     with torch.no_grad():
         sim_i2t = (image_feat @ all_text_feat.t()).float() / model.temp
         sim_t2i = (text_feat @ all_image_feat.t()).float() / model.temp
@@ -132,9 +159,11 @@ def itm_loss(model: nn.Module, image_embeds: torch.Tensor, image_feat: torch.Ten
     if hard_text is not None:
         groups.append((image_embeds, hard_text[0], hard_text[2]))
     length = max(g[1].shape[1] for g in groups)
-    logits = model.itm_logits(torch.cat([g[0] for g in groups]),
-                             torch.cat([pad_tokens(g[1], length) for g in groups]),
-                             torch.cat([pad_tokens(g[2], length) for g in groups]))
+    logits = model.itm_logits(
+        torch.cat([g[0] for g in groups]),
+        torch.cat([pad_tokens(g[1], length) for g in groups]),
+        torch.cat([pad_tokens(g[2], length) for g in groups]),
+    )
     labels = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
-    labels[:len(image_embeds)] = 1
+    labels[: len(image_embeds)] = 1
     return F.cross_entropy(logits, labels)

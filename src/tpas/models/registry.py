@@ -33,14 +33,17 @@ class Family:
 _FAMILIES: dict[str, Family] = {}
 
 
-def register_family(name: str, *, build_tokenizer: Callable[[ModelConfig], Any],
-                    reads_hf_model: bool = False) -> Callable[[Callable], Callable]:
+def register_family(
+    name: str, *, build_tokenizer: Callable[[ModelConfig], Any], reads_hf_model: bool = False
+) -> Callable[[Callable], Callable]:
     """Decorator for a family's `build_model(cfg)`: registers it under `name`."""
+
     def decorate(build: Callable[[ModelConfig], RetrievalModel]) -> Callable[[ModelConfig], RetrievalModel]:
         if name in _FAMILIES:
             raise ValueError(f"model family {name!r} is registered twice")
         _FAMILIES[name] = Family(name, build, build_tokenizer, reads_hf_model)
         return build
+
     return decorate
 
 
@@ -58,9 +61,13 @@ def build_model(cfg: ModelConfig) -> RetrievalModel:
     """Build the model offline: packaged/local pretrained weights as cfg asks, random otherwise."""
     model = family(cfg.family).build_model(cfg)
     if cfg.preset in INIT_ONLY_PRESETS:
-        warnings.warn(f"model preset {cfg.preset!r} is built with RANDOM weights: its weights come only from an "
-                      f"image-text checkpoint (train.py --init PATH, e.g. X-VLM's 16m_base_model_state_step_199999.th) "
-                      f"or a trained run's model.safetensors.", RandomWeightsWarning, stacklevel=2)
+        warnings.warn(
+            f"model preset {cfg.preset!r} is built with RANDOM weights: its weights come only from an "
+            f"image-text checkpoint (train.py --init PATH, e.g. X-VLM's 16m_base_model_state_step_199999.th) "
+            f"or a trained run's model.safetensors.",
+            RandomWeightsWarning,
+            stacklevel=2,
+        )
     return model
 
 

@@ -51,16 +51,22 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
         raise TpasError(f"{path}: not a readable safetensors file ({exc}); re-train or restore it.") from None
     if recorded is not None and recorded != weights_digest(state):
-        raise TpasError(f"{path}: the weights are corrupted (their checksum no longer matches the one saved with them); "
-                        f"restore the file or re-train.")
+        raise TpasError(
+            f"{path}: the weights are corrupted (their checksum no longer matches the one saved with them); "
+            f"restore the file or re-train."
+        )
     if recorded is None:  # saved before checksums: at least refuse what can only be damage
         bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
         if bad is not None:
-            raise TpasError(f"{path}: tensor {bad} holds NaN or infinite values (a damaged file?); restore it or re-train.")
+            raise TpasError(
+                f"{path}: tensor {bad} holds NaN or infinite values (a damaged file?); restore it or re-train."
+            )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise TpasError(f"{path}: weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-                        f"use the config.json saved with them.")
+        raise TpasError(
+            f"{path}: weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            f"use the config.json saved with them."
+        )
 
 
 def load_run_model(run_dir: str | Path) -> tuple[model_lib.RetrievalModel, model_lib.ModelConfig]:

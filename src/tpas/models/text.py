@@ -74,8 +74,10 @@ class TextPipeline:
         if self.max_tokens < 2:
             raise TpasError(f"max_tokens must be at least 2 (a start token and one word piece); got {self.max_tokens}.")
         if not self.trailing_sep and getattr(self.tokenizer, "sep_token_id", None) is None:
-            raise TpasError(f"trailing_sep false drops a BERT tokenizer's final [SEP], but "
-                            f"{type(self.tokenizer).__name__} has no [SEP]; keep its own special tokens.")
+            raise TpasError(
+                f"trailing_sep false drops a BERT tokenizer's final [SEP], but "
+                f"{type(self.tokenizer).__name__} has no [SEP]; keep its own special tokens."
+            )
 
     def clean(self, caption: str) -> str:
         """The caption as the model reads it, before tokenization (ValueError: nothing left)."""
@@ -93,9 +95,14 @@ class TextPipeline:
             try:
                 self.clean(caption)
             except ValueError:
-                hint = ("X-VLM's pre_caption deletes punctuation, so give it words, or train with --caption-clean strip"
-                        if self.caption_clean == "pre_caption" else "give it words")
-                raise TpasError(f"{source}: {name}: caption {caption!r} is empty once cleaned for the model; {hint}.") from None
+                hint = (
+                    "X-VLM's pre_caption deletes punctuation, so give it words, or train with --caption-clean strip"
+                    if self.caption_clean == "pre_caption"
+                    else "give it words"
+                )
+                raise TpasError(
+                    f"{source}: {name}: caption {caption!r} is empty once cleaned for the model; {hint}."
+                ) from None
 
     def _encode(self, captions: list[str], **kwargs: Any) -> dict[str, Any]:
         texts = [self.clean(c) for c in captions]
@@ -105,16 +112,19 @@ class TextPipeline:
 
     def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """input_ids and attention_mask [B, L], padded to the batch's longest caption (or to max_tokens)."""
-        out = self._encode(list(captions), padding="max_length" if self.pad_to_max_tokens else "longest",
-                           return_tensors="pt")
+        out = self._encode(
+            list(captions), padding="max_length" if self.pad_to_max_tokens else "longest", return_tensors="pt"
+        )
         ids, mask = out["input_ids"], out["attention_mask"]
         if not self.trailing_sep:
             lengths = mask.sum(1)
             rows = torch.arange(len(ids))
             last = ids[rows, lengths - 1]
             if not bool((last == self.tokenizer.sep_token_id).all()):
-                raise TpasError(f"{type(self.tokenizer).__name__} did not end every caption with [SEP]; "
-                                f"it is not a BERT tokenizer: keep its own special tokens (trailing_sep true).")
+                raise TpasError(
+                    f"{type(self.tokenizer).__name__} did not end every caption with [SEP]; "
+                    f"it is not a BERT tokenizer: keep its own special tokens (trailing_sep true)."
+                )
             ids, mask = ids.clone(), mask.clone()
             ids[rows, lengths - 1] = self.tokenizer.pad_token_id
             mask[rows, lengths - 1] = 0

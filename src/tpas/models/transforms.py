@@ -20,8 +20,14 @@ def image_transform(cfg: ModelConfig, train: bool) -> T.Compose:
     steps: list[Any] = [T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC)]
     if train:
         aspect = width / height
-        steps += [T.RandomResizedCrop((height, width), scale=(0.8, 1.0), ratio=(0.9 * aspect, 1.1 * aspect),
-                                      interpolation=T.InterpolationMode.BICUBIC),
-                  T.RandomHorizontalFlip()]
+        steps += [
+            T.RandomResizedCrop(
+                (height, width),
+                scale=(0.8, 1.0),
+                ratio=(0.9 * aspect, 1.1 * aspect),
+                interpolation=T.InterpolationMode.BICUBIC,
+            ),
+            T.RandomHorizontalFlip(),
+        ]
     steps += [T.ToTensor(), T.Normalize(cfg.image_mean, cfg.image_std)]
     return T.Compose(steps)

@@ -37,6 +37,7 @@ from tpas.models.registry import register_family
 
 # ---------------------------------------------------------------- fusion encoder
 
+
 class _QKV(nn.Module):
     def __init__(self, hidden: int, kv_width: int | None = None):
         super().__init__()
@@ -64,15 +65,17 @@ class _Attention(nn.Module):
         self.heads = config.num_attention_heads
         self.attn_dropout = config.attention_probs_dropout_prob
         self.self = _QKV(config.hidden_size, kv_width)
-        self.output = _DenseNorm(config.hidden_size, config.hidden_size, config.layer_norm_eps,
-                                 config.hidden_dropout_prob)
+        self.output = _DenseNorm(
+            config.hidden_size, config.hidden_size, config.layer_norm_eps, config.hidden_dropout_prob
+        )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         q = self._heads(self.self.query(x))
         k = self._heads(self.self.key(context))
         v = self._heads(self.self.value(context))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.attn_dropout if self.training else 0.0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
+        )
         return self.output(out.transpose(1, 2).flatten(2), x)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -102,8 +105,9 @@ class FusionLayer(nn.Module):
         self.attention = _Attention(config)
         self.crossattention = _Attention(config, kv_width=encoder_width)
         self.intermediate = _Intermediate(config)
-        self.output = _DenseNorm(config.intermediate_size, config.hidden_size, config.layer_norm_eps,
-                                 config.hidden_dropout_prob)
+        self.output = _DenseNorm(
+            config.intermediate_size, config.hidden_size, config.layer_norm_eps, config.hidden_dropout_prob
+        )
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """text [B, L, D]; text_mask bool [B, 1, 1, L] (True = real token); image [B, N, encoder_width]."""
@@ -116,8 +120,15 @@ class FusionLayer(nn.Module):
 
 # Parameters the projected adapter creates rather than loads from pretrained weights; they train
 # at lr * new_lr_mult. Everything else (CNN, text encoder, fusion self-attention/FFN) is pretrained.
-NEW_PARAM_PREFIXES = ("image_proj.", "image_pos_embed", "image_norm.", "vision_proj.", "text_proj.", "itm_head.",
-                      "temp")
+NEW_PARAM_PREFIXES = (
+    "image_proj.",
+    "image_pos_embed",
+    "image_norm.",
+    "vision_proj.",
+    "text_proj.",
+    "itm_head.",
+    "temp",
+)
 NEW_PARAM_INFIX = ".crossattention."  # inside fusion.<i>: the cross-attention is new
 # With direct tokens every weight, cross-attention included, comes from one image-text checkpoint
 # (X-VLM's or CMP's, via train.py --init); as X-VLM's own fine-tuning does, only the ITC/ITM heads
@@ -195,6 +206,7 @@ IMAGE_TOKENS: dict[str, ImageTokens] = {"projected": ProjectedTokens(), "direct"
 
 # ---------------------------------------------------------------- the model
 
+
 class XVLMModel(RetrievalModel):
     """X-VLM's architecture: image encoder -> image tokens (see ImageTokens), text encoder, fusion
     layers whose cross-attention reads the image tokens, ITC projections and an ITM head."""
@@ -208,25 +220,30 @@ class XVLMModel(RetrievalModel):
         hidden = tcfg.hidden_size
         if cfg.text_layers is None:
             if cfg.fusion_layers > tcfg.num_hidden_layers:
-                raise TpasError(f"fusion_layers={cfg.fusion_layers} but the text model has only "
-                                f"{tcfg.num_hidden_layers} layers to initialise them from.")
-            source_layers = list(text_encoder.encoder.layer[-cfg.fusion_layers:])
+                raise TpasError(
+                    f"fusion_layers={cfg.fusion_layers} but the text model has only "
+                    f"{tcfg.num_hidden_layers} layers to initialise them from."
+                )
+            source_layers = list(text_encoder.encoder.layer[-cfg.fusion_layers :])
         else:
             # X-VLM's split of one BERT: the first text_layers layers encode the caption, the
             # following fusion_layers layers become the fusion layers (with cross-attention)
             if cfg.text_layers + cfg.fusion_layers > tcfg.num_hidden_layers:
-                raise TpasError(f"text_layers={cfg.text_layers} + fusion_layers={cfg.fusion_layers} but the text "
-                                f"model has only {tcfg.num_hidden_layers} layers.")
+                raise TpasError(
+                    f"text_layers={cfg.text_layers} + fusion_layers={cfg.fusion_layers} but the text "
+                    f"model has only {tcfg.num_hidden_layers} layers."
+                )
             layers = list(text_encoder.encoder.layer)
-            source_layers = layers[cfg.text_layers:cfg.text_layers + cfg.fusion_layers]
-            text_encoder.encoder.layer = nn.ModuleList(layers[:cfg.text_layers])
+            source_layers = layers[cfg.text_layers : cfg.text_layers + cfg.fusion_layers]
+            text_encoder.encoder.layer = nn.ModuleList(layers[: cfg.text_layers])
             tcfg.num_hidden_layers = cfg.text_layers
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
 
         self.image_adapter = IMAGE_TOKENS[cfg.image_tokens]
-        channels, grid = self._probe_image_grid(image_encoder, cfg.image_size,
-                                                channels_last=self.image_adapter.channels_last)
+        channels, grid = self._probe_image_grid(
+            image_encoder, cfg.image_size, channels_last=self.image_adapter.channels_last
+        )
         self.image_grid = grid
         self.vision_width = self.image_adapter.build(self, channels, grid, tcfg)
 
@@ -236,28 +253,34 @@ class XVLMModel(RetrievalModel):
             self._init_cross_attention(fusion_layer.crossattention, tcfg.initializer_range)
             result = fusion_layer.load_state_dict(bert_layer.state_dict(), strict=False)
             if result.unexpected_keys or any(not k.startswith("crossattention.") for k in result.missing_keys):
-                raise TpasError(f"text model layers do not fit the fusion layer layout (unexpected "
-                                f"{result.unexpected_keys[:3]}, missing {result.missing_keys[:3]}); use a BERT-like model.")
+                raise TpasError(
+                    f"text model layers do not fit the fusion layer layout (unexpected "
+                    f"{result.unexpected_keys[:3]}, missing {result.missing_keys[:3]}); use a BERT-like model."
+                )
 
         if cfg.itc_head == "cmp":
             # CMP's feature_mapping (BatchNorm1d, Dropout, Linear: keys .0 and .2) over the image's 3
             # pooled token groups and the caption's CLS + 3 pooled groups (models/cmp.py)
-            self.vision_proj = _cmp_feature_mapping(CMP_POOLED_PARTS * self.vision_width, cfg.embed_dim, cfg.itc_dropout)
+            self.vision_proj = _cmp_feature_mapping(
+                CMP_POOLED_PARTS * self.vision_width, cfg.embed_dim, cfg.itc_dropout
+            )
             self.text_proj = _cmp_feature_mapping((CMP_POOLED_PARTS + 1) * hidden, cfg.embed_dim, cfg.itc_dropout)
             self.token_pool = nn.AdaptiveAvgPool1d(CMP_POOLED_PARTS)
         else:
             self.vision_proj = nn.Linear(self.vision_width, cfg.embed_dim)
             self.text_proj = nn.Linear(hidden, cfg.embed_dim)
         if cfg.itm_head == "mlp":  # X-VLM's build_mlp: keys itm_head.0 / .1 / .3
-            self.itm_head = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.LayerNorm(2 * hidden), nn.GELU(),
-                                          nn.Linear(2 * hidden, 2))
+            self.itm_head = nn.Sequential(
+                nn.Linear(hidden, 2 * hidden), nn.LayerNorm(2 * hidden), nn.GELU(), nn.Linear(2 * hidden, 2)
+            )
         else:
             self.itm_head = nn.Linear(hidden, 2)
         self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
 
     @staticmethod
-    def _probe_image_grid(image_encoder: nn.Module, image_size: tuple[int, int],
-                          channels_last: bool = False) -> tuple[int, tuple[int, int]]:
+    def _probe_image_grid(
+        image_encoder: nn.Module, image_size: tuple[int, int], channels_last: bool = False
+    ) -> tuple[int, tuple[int, int]]:
         """Channels and (h, w) of the final feature map, from one dummy forward (any timm backbone);
         channels_last: the backbone gives [B, h, w, C] (a Swin) rather than [B, C, h, w]."""
         was_training = image_encoder.training
@@ -284,8 +307,10 @@ class XVLMModel(RetrievalModel):
         fmap = self.image_encoder.forward_features(images)
         grid = tuple(fmap.shape[1:3]) if self.image_adapter.channels_last else tuple(fmap.shape[2:])
         if grid != self.image_grid:
-            raise ValueError(f"images of size {tuple(images.shape[2:])} give a {grid} feature map; "
-                             f"this model was built for {self.cfg.image_size} ({self.image_grid}).")
+            raise ValueError(
+                f"images of size {tuple(images.shape[2:])} give a {grid} feature map; "
+                f"this model was built for {self.cfg.image_size} ({self.image_grid})."
+            )
         embeds = self.image_adapter.tokens(self, fmap)
         return embeds, self._image_feat(embeds)
 
@@ -300,8 +325,9 @@ class XVLMModel(RetrievalModel):
     def _image_feat(self, embeds: torch.Tensor) -> torch.Tensor:
         """Unit ITC feature of image tokens [B, 1+N, D]: the CLS projected, or CMP's pooled patch groups."""
         if self.cfg.itc_head == "cmp":
-            return F.normalize(self.vision_proj(self.token_pool(embeds[:, 1:].transpose(1, 2)).transpose(1, 2).flatten(1)),
-                               dim=-1)
+            return F.normalize(
+                self.vision_proj(self.token_pool(embeds[:, 1:].transpose(1, 2)).transpose(1, 2).flatten(1)), dim=-1
+            )
         return F.normalize(self.vision_proj(embeds[:, 0]), dim=-1)
 
     def fuse(self, text_embeds: torch.Tensor, text_mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
@@ -312,11 +338,14 @@ class XVLMModel(RetrievalModel):
             x = layer(x, mask, image_embeds)
         return x[:, 0]
 
-    def itm_logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def itm_logits(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
         fuse = self.fuse
         if self.grad_checkpointing and self.training:
-            return self.itm_head(torch.utils.checkpoint.checkpoint(fuse, text_embeds, text_mask, image_embeds,
-                                                                   use_reentrant=False))
+            return self.itm_head(
+                torch.utils.checkpoint.checkpoint(fuse, text_embeds, text_mask, image_embeds, use_reentrant=False)
+            )
         return self.itm_head(fuse(text_embeds, text_mask, image_embeds))
 
     def is_new_parameter(self, name: str) -> bool:

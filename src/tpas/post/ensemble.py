@@ -58,14 +58,23 @@ ENSEMBLE_OUTPUTS = (CANDIDATES_FILE, QUERIES_FILE, CONFIG_FILE, "metrics.json")
 
 @dataclass
 class EnsembleConfig:
-    input_dir: list[Path] = field([], help="Stage dir to fuse (candidates.parquet + queries.parquet, e.g. an "
-                                           "infer.py output); repeat the flag once per model.")
-    weight: list[float] = field([], help="Weight of each --input-dir, in the same order (default: equal); scaled "
-                                         "to sum to 1; weight 0 leaves a model out of the fusion.")
+    input_dir: list[Path] = field(
+        [],
+        help="Stage dir to fuse (candidates.parquet + queries.parquet, e.g. an "
+        "infer.py output); repeat the flag once per model.",
+    )
+    weight: list[float] = field(
+        [],
+        help="Weight of each --input-dir, in the same order (default: equal); scaled "
+        "to sum to 1; weight 0 leaves a model out of the fusion.",
+    )
     output_dir: Path = field(Path("outputs/ensemble"), help="Where to write the fused stage dir.")
-    normalize: str = field("zscore", help="Per model and query, how scores are made comparable: z-score, min-max "
-                                          "to [0, 1], reciprocal rank 1/(rrf_k + rank), or raw scores.",
-                           choices=NORMALIZE_CHOICES)
+    normalize: str = field(
+        "zscore",
+        help="Per model and query, how scores are made comparable: z-score, min-max "
+        "to [0, 1], reciprocal rank 1/(rrf_k + rank), or raw scores.",
+        choices=NORMALIZE_CHOICES,
+    )
     rrf_k: float = field(60.0, help="Constant of --normalize rank (reciprocal rank fusion); larger flattens the top.")
     column: str = field("score", help="Which candidates column to fuse.", choices=COLUMN_CHOICES)
     k: int | None = field(None, help="Candidates kept per query (default: the largest k among the inputs).")
@@ -75,12 +84,12 @@ class EnsembleConfig:
 class ModelRows:
     """One input's candidates as flat arrays (compact dtypes: 100k queries x 128 is 12.8 M rows)."""
 
-    q: np.ndarray       # int: query position (index into the shared query order)
-    image: np.ndarray   # int: code into the shared image names
-    value: np.ndarray   # float: the fused column (NaN = missing)
-    rank: np.ndarray    # int: the input's own rank (tie-break and metrics)
-    itc: np.ndarray     # float
-    itm: np.ndarray     # float
+    q: np.ndarray  # int: query position (index into the shared query order)
+    image: np.ndarray  # int: code into the shared image names
+    value: np.ndarray  # float: the fused column (NaN = missing)
+    rank: np.ndarray  # int: the input's own rank (tie-break and metrics)
+    itc: np.ndarray  # float
+    itm: np.ndarray  # float
 
 
 class RepeatedPairError(TpasError):
@@ -101,8 +110,10 @@ def _codes(column: pd.Series, index: pd.Index) -> np.ndarray:
 def _names(index: pd.Index, codes: np.ndarray) -> pd.Series:
     """index[codes] as a "string" Series, built in Arrow (millions of rows; no Python str objects)."""
     names = pa.array(index.to_numpy(dtype=object), type=pa.string())
-    return pd.Series(pd.arrays.ArrowStringArray(pa.DictionaryArray.from_arrays(codes.astype(np.int32), names)
-                                                .dictionary_decode()), dtype="string")
+    return pd.Series(
+        pd.arrays.ArrowStringArray(pa.DictionaryArray.from_arrays(codes.astype(np.int32), names).dictionary_decode()),
+        dtype="string",
+    )
 
 
 def _sorted_order(q: np.ndarray, value: np.ndarray, rank: np.ndarray) -> np.ndarray | None:
@@ -203,8 +214,14 @@ def _check_repeats(image: np.ndarray, pad: int, model: int) -> None:
         raise RepeatedPairError(model, int(row), int(ordered[row, col]))
 
 
-def fuse(models: list[ModelRows], weights: list[float], n_queries: int, normalize: str = "zscore",
-         rrf_k: float = 60.0, k: int | None = None) -> dict[str, np.ndarray]:
+def fuse(
+    models: list[ModelRows],
+    weights: list[float],
+    n_queries: int,
+    normalize: str = "zscore",
+    rrf_k: float = 60.0,
+    k: int | None = None,
+) -> dict[str, np.ndarray]:
     """Fuse models (weights ≥ 0, summing to 1) → arrays q, image, rank, itc, itm, score sorted by (q, rank).
 
     Works on [Q, W] arrays, W = the inputs' widths side by side (columns: input, then its rank),
@@ -225,8 +242,13 @@ def fuse(models: list[ModelRows], weights: list[float], n_queries: int, normaliz
         base += w * np.nan_to_num(fill)
         contrib -= fill[:, None]
         contrib *= w
-        for name, part in (("image", dense["image"]), ("contrib", contrib), ("itc", dense["itc"]),
-                           ("itm", dense["itm"]), ("weight", np.full(contrib.shape[1], w))):
+        for name, part in (
+            ("image", dense["image"]),
+            ("contrib", contrib),
+            ("itc", dense["itc"]),
+            ("itm", dense["itm"]),
+            ("weight", np.full(contrib.shape[1], w)),
+        ):
             parts[name].append(part)
     width = sum(part.shape[1] for part in parts["image"])
     col_weight = np.concatenate(parts.pop("weight"))
@@ -260,8 +282,12 @@ def fuse(models: list[ModelRows], weights: list[float], n_queries: int, normaliz
     flat_index = col_s
     flat_index += (np.arange(n_queries) * width)[:, None]
     buffer = np.empty(n_queries * width)
-    np.take(np.concatenate(parts.pop("contrib"), axis=1).ravel(), flat_index, out=buffer.reshape(flat_index.shape),
-            mode="clip")
+    np.take(
+        np.concatenate(parts.pop("contrib"), axis=1).ravel(),
+        flat_index,
+        out=buffer.reshape(flat_index.shape),
+        mode="clip",
+    )
     buffer[~real.ravel()] = 0.0  # padding (NaN)
     score = base[q_pair] + np.bincount(pair_of, weights=buffer, minlength=n_pairs)
     del real
@@ -294,8 +320,14 @@ def fuse(models: list[ModelRows], weights: list[float], n_queries: int, normaliz
     rows = np.broadcast_to(np.arange(n_queries)[:, None], top.shape)[found]
     pair = slot[rows, (top[found] & np.uint64(0xFFFFFFFF)).astype(np.int64)]
     new_rank = np.broadcast_to(np.arange(1, top.shape[1] + 1), top.shape)[found]
-    return {"q": rows, "image": image_pair[pair], "rank": new_rank, "itc": means["itc"][pair],
-            "itm": means["itm"][pair], "score": score[pair]}
+    return {
+        "q": rows,
+        "image": image_pair[pair],
+        "rank": new_rank,
+        "itc": means["itc"][pair],
+        "itm": means["itm"][pair],
+        "score": score[pair],
+    }
 
 
 def _resolve_weights(cfg: EnsembleConfig) -> list[float]:
@@ -303,12 +335,16 @@ def _resolve_weights(cfg: EnsembleConfig) -> list[float]:
     if not cfg.weight:
         return [1.0 / n] * n
     if len(cfg.weight) != n:
-        raise TpasError(f"got {len(cfg.weight)} --weight value(s) for {n} --input-dir(s); pass one --weight per "
-                        "--input-dir, in the same order, or none for equal weights.")
+        raise TpasError(
+            f"got {len(cfg.weight)} --weight value(s) for {n} --input-dir(s); pass one --weight per "
+            "--input-dir, in the same order, or none for equal weights."
+        )
     w = np.asarray(cfg.weight, dtype=float)
     if not np.all(np.isfinite(w)) or np.any(w < 0):
-        raise TpasError(f"--weight {' '.join(f'{x:g}' for x in cfg.weight)}: weights must be finite and ≥ 0; "
-                        "pass a non-negative weight per --input-dir.")
+        raise TpasError(
+            f"--weight {' '.join(f'{x:g}' for x in cfg.weight)}: weights must be finite and ≥ 0; "
+            "pass a non-negative weight per --input-dir."
+        )
     if w.sum() == 0:
         raise TpasError("every --weight is 0; give at least one --input-dir a positive weight.")
     return (w / w.sum()).tolist()
@@ -320,19 +356,26 @@ def _load_inputs(cfg: EnsembleConfig) -> tuple[pd.DataFrame, list[ModelRows], pd
     queries = read_queries(dirs[0])
     order = pd.Index(queries["query_index"].astype(str))
     if order.has_duplicates:
-        raise TpasError(f"{dirs[0] / QUERIES_FILE}: query id {order[order.duplicated()][0]} appears more than once; "
-                        "re-run the stage that wrote it.")
+        raise TpasError(
+            f"{dirs[0] / QUERIES_FILE}: query id {order[order.duplicated()][0]} appears more than once; "
+            "re-run the stage that wrote it."
+        )
     frames = []
     for d in dirs:
         if d != dirs[0]:
             other = set(read_queries(d)["query_index"].astype(str))
             differ = sorted(other.symmetric_difference(order))
             if differ:
-                raise TpasError(f"{d / QUERIES_FILE}: its query set differs from {dirs[0] / QUERIES_FILE} "
-                                f"({len(differ)} id(s) differ, e.g. {differ[0]}); run every input on the same queries.")
+                raise TpasError(
+                    f"{d / QUERIES_FILE}: its query set differs from {dirs[0] / QUERIES_FILE} "
+                    f"({len(differ)} id(s) differ, e.g. {differ[0]}); run every input on the same queries."
+                )
         # categoricals: fast and small for millions of rows; the checks are every stage reader's
-        frames.append(read_candidates(d, categorical=True, hint=f"run `python infer.py --output-dir {d}` first or "
-                                                                  "fix the --input-dir"))
+        frames.append(
+            read_candidates(
+                d, categorical=True, hint=f"run `python infer.py --output-dir {d}` first or fix the --input-dir"
+            )
+        )
     images = pd.Index(pd.unique(np.concatenate([f["image"].cat.categories.astype(str).to_numpy() for f in frames])))
     models = []
     for d, frame in zip(dirs, frames):
@@ -344,21 +387,32 @@ def _load_inputs(cfg: EnsembleConfig) -> tuple[pd.DataFrame, list[ModelRows], pd
         value = frame[cfg.column].to_numpy(dtype=np.float32, na_value=np.nan)
         valid = ~np.isnan(value)
         if not valid.any():
-            raise TpasError(f"{path}: column {cfg.column} is NaN everywhere (e.g. infer.py --no-itm leaves itm NaN); "
-                            "pick another --column or re-run that input.")
+            raise TpasError(
+                f"{path}: column {cfg.column} is NaN everywhere (e.g. infer.py --no-itm leaves itm NaN); "
+                "pick another --column or re-run that input."
+            )
         empty = np.flatnonzero(np.bincount(q[valid], minlength=len(order)) == 0)
         if len(empty):
-            raise TpasError(f"{path}: query {order[empty[0]]} ({len(empty)} in all) has no candidates with a "
-                            f"{cfg.column} value; re-run that input on every query.")
-        models.append(ModelRows(q=q, image=_codes(frame["image"], images), value=value,
-                                rank=frame["rank"].to_numpy(dtype=np.int32),
-                                itc=frame["itc"].to_numpy(dtype=np.float32, na_value=np.nan),
-                                itm=frame["itm"].to_numpy(dtype=np.float32, na_value=np.nan)))
+            raise TpasError(
+                f"{path}: query {order[empty[0]]} ({len(empty)} in all) has no candidates with a "
+                f"{cfg.column} value; re-run that input on every query."
+            )
+        models.append(
+            ModelRows(
+                q=q,
+                image=_codes(frame["image"], images),
+                value=value,
+                rank=frame["rank"].to_numpy(dtype=np.int32),
+                itc=frame["itc"].to_numpy(dtype=np.float32, na_value=np.nan),
+                itm=frame["itm"].to_numpy(dtype=np.float32, na_value=np.nan),
+            )
+        )
     return queries, models, images
 
 
-def _metrics(q: np.ndarray, image: np.ndarray, rank: np.ndarray, gt_code: np.ndarray,
-             scored: np.ndarray) -> dict[str, float]:
+def _metrics(
+    q: np.ndarray, image: np.ndarray, rank: np.ndarray, gt_code: np.ndarray, scored: np.ndarray
+) -> dict[str, float]:
     """`tpas.metrics` of these rows over the `scored` query positions (ground truth order), found through codes."""
     true_rank = np.full(len(gt_code), np.inf)
     hit = image == gt_code[q]
@@ -381,20 +435,36 @@ def run_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
     try:
         fused = fuse(models, weights, n_queries, cfg.normalize, cfg.rrf_k, k)
     except RepeatedPairError as exc:
-        raise TpasError(f"{Path(cfg.input_dir[exc.model]) / CANDIDATES_FILE}: query {order[exc.query]} lists image "
-                        f"{images[exc.image]} more than once; drop the repeated rows or re-run the stage that "
-                        "wrote it.") from None
+        raise TpasError(
+            f"{Path(cfg.input_dir[exc.model]) / CANDIDATES_FILE}: query {order[exc.query]} lists image "
+            f"{images[exc.image]} more than once; drop the repeated rows or re-run the stage that "
+            "wrote it."
+        ) from None
 
     out = Path(cfg.output_dir)
-    candidates = candidates_frame(_names(order, fused["q"]), _names(images, fused["image"]),
-                                  fused["itc"], fused["itm"], fused["score"], fused["rank"])
+    candidates = candidates_frame(
+        _names(order, fused["q"]),
+        _names(images, fused["image"]),
+        fused["itc"],
+        fused["itm"],
+        fused["score"],
+        fused["rank"],
+    )
     resolved = dataclasses.replace(cfg, weight=weights, k=k)
 
     per_query = np.bincount(fused["q"], minlength=n_queries)
-    summary: dict[str, Any] = {"inputs": [str(d) for d in cfg.input_dir], "weights": weights, "queries": n_queries,
-                               "k": k, "rows": len(candidates), "min_candidates": int(per_query.min())}
-    line = (f"ensemble: {len(models)} input{'s' if len(models) > 1 else ''} ({cfg.normalize} of {cfg.column}; weights "
-            f"{', '.join(f'{w:.2f}' for w in weights)}) → {n_queries} queries × ≤{k} candidates → {out}")
+    summary: dict[str, Any] = {
+        "inputs": [str(d) for d in cfg.input_dir],
+        "weights": weights,
+        "queries": n_queries,
+        "k": k,
+        "rows": len(candidates),
+        "min_candidates": int(per_query.min()),
+    }
+    line = (
+        f"ensemble: {len(models)} input{'s' if len(models) > 1 else ''} ({cfg.normalize} of {cfg.column}; weights "
+        f"{', '.join(f'{w:.2f}' for w in weights)}) → {n_queries} queries × ≤{k} candidates → {out}"
+    )
     gt = ground_truth(queries)
     if gt is not None:
         # Per query position, the code of its true image; -2 (never an image code) where unknown.
@@ -402,8 +472,10 @@ def run_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
         true_image = images.get_indexer(list(gt.values()))
         scored = order.get_indexer(list(gt))
         gt_code[scored] = np.where(true_image >= 0, true_image, -2)
-        per_input = [{"dir": str(d), "weight": w, **_metrics(m.q, m.image, m.rank, gt_code, scored)}
-                     for d, w, m in zip(cfg.input_dir, weights, models)]
+        per_input = [
+            {"dir": str(d), "weight": w, **_metrics(m.q, m.image, m.rank, gt_code, scored)}
+            for d, w, m in zip(cfg.input_dir, weights, models)
+        ]
         fused_metrics = _metrics(fused["q"], fused["image"], fused["rank"], gt_code, scored)
         summary["metrics"] = {"inputs": per_input, "ensemble": fused_metrics}
         for name in ("R@1", "mAP"):
@@ -420,8 +492,11 @@ def run_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
     return summary
 
 
-@config_command(EnsembleConfig, help="Fuse the candidates of several stage dirs (infer.py outputs on the same queries) "
-                                     "into one stage dir with the same schema, for sca.py and submit.py.")
+@config_command(
+    EnsembleConfig,
+    help="Fuse the candidates of several stage dirs (infer.py outputs on the same queries) "
+    "into one stage dir with the same schema, for sca.py and submit.py.",
+)
 def main(cfg: EnsembleConfig) -> None:
     run_ensemble(cfg)
 

@@ -23,11 +23,11 @@ CHANGE_COLUMNS = ["query_index", "old_image", "new_image", "old_score", "new_sco
 class Lists:
     """A candidates table as [Q, K] arrays in answer order; padding: image -1, score NaN, row -1."""
 
-    order: np.ndarray        # [Q] query ids (object)
-    img: np.ndarray          # [Q, K] image codes into `names`
-    score: np.ndarray        # [Q, K] float64
-    row: np.ndarray          # [Q, K] row of `source`
-    names: np.ndarray        # [G'] image names (object)
+    order: np.ndarray  # [Q] query ids (object)
+    img: np.ndarray  # [Q, K] image codes into `names`
+    score: np.ndarray  # [Q, K] float64
+    row: np.ndarray  # [Q, K] row of `source`
+    names: np.ndarray  # [G'] image names (object)
     source: pd.DataFrame
 
     def copy(self) -> Lists:
@@ -60,8 +60,9 @@ def to_lists(candidates: pd.DataFrame, order: list[str]) -> Lists:
     qcodes, quniq = pd.factorize(candidates["query_index"])
     pos_of = pd.Index(order).get_indexer(pd.Index(quniq).astype(str))
     if (pos_of < 0).any():
-        raise ValueError(f"candidates hold query {quniq[np.flatnonzero(pos_of < 0)[0]]!r}, which is absent from "
-                         "the queries")
+        raise ValueError(
+            f"candidates hold query {quniq[np.flatnonzero(pos_of < 0)[0]]!r}, which is absent from the queries"
+        )
     q = pos_of[qcodes].astype(np.int64)
     rank = candidates["rank"].to_numpy(dtype=np.int64)
     key = q * (int(rank.max(initial=0)) + 2) + rank
@@ -77,8 +78,14 @@ def to_lists(candidates: pd.DataFrame, order: list[str]) -> Lists:
     img[q, col] = icodes[sort]
     score[q, col] = candidates["score"].to_numpy(dtype=float, na_value=np.nan)[sort]
     row[q, col] = sort
-    return Lists(np.asarray(order, dtype=object), img, score, row,
-                 np.asarray(pd.Index(inames).astype(str), dtype=object), candidates)
+    return Lists(
+        np.asarray(order, dtype=object),
+        img,
+        score,
+        row,
+        np.asarray(pd.Index(inames).astype(str), dtype=object),
+        candidates,
+    )
 
 
 def from_lists(lists: Lists) -> pd.DataFrame:
@@ -121,13 +128,15 @@ def change_log(log: dict[str, np.ndarray], query_order: list[str] | np.ndarray, 
     qpos = np.asarray(log["q"], dtype=np.int64)
     names = np.asarray(img_names, dtype=object)
     old, new = np.asarray(log["old_score"], dtype=float), np.asarray(log["new_score"], dtype=float)
-    return pd.DataFrame({
-        "query_index": pd.Series(np.asarray(query_order, dtype=object)[qpos], dtype="string"),
-        "old_image": pd.Series(names[np.asarray(log["old_image"], dtype=np.int64)], dtype="string"),
-        "new_image": pd.Series(names[np.asarray(log["new_image"], dtype=np.int64)], dtype="string"),
-        "old_score": old,
-        "new_score": new,
-        "delta": new - old,
-        "round": np.asarray(log["round"]).astype(np.int32),
-        "group": np.asarray(log["group"]).astype(np.int64),
-    })
+    return pd.DataFrame(
+        {
+            "query_index": pd.Series(np.asarray(query_order, dtype=object)[qpos], dtype="string"),
+            "old_image": pd.Series(names[np.asarray(log["old_image"], dtype=np.int64)], dtype="string"),
+            "new_image": pd.Series(names[np.asarray(log["new_image"], dtype=np.int64)], dtype="string"),
+            "old_score": old,
+            "new_score": new,
+            "delta": new - old,
+            "round": np.asarray(log["round"]).astype(np.int32),
+            "group": np.asarray(log["group"]).astype(np.int64),
+        }
+    )

@@ -103,8 +103,11 @@ SCA_FIELDS = tuple(f.name for f in dataclasses.fields(SCAConfig))
 class PostprocessConfig(SCAConfig):
     """Parameters of every method (each method reads only its own: `REGISTRY[name].fields`)."""
 
-    assign_margin: float = field(1.0, help="assign: most score a query gives up (top-1 score minus the new one) "
-                                           "to resolve a shared top-1; also the cost of leaving one unresolved.")
+    assign_margin: float = field(
+        1.0,
+        help="assign: most score a query gives up (top-1 score minus the new one) "
+        "to resolve a shared top-1; also the cost of leaving one unresolved.",
+    )
     temperature: float = field(1.0, help="dual-softmax, inverted-softmax: softmax temperature, in score units.")
     rerank_k: int = field(10, help="rerank: list depth of the k-reciprocal test and of the re-scored head.")
     rerank_lambda: float = field(1.0, help="rerank: weight of the Jaccard bonus (score units; J is in 0..1).")
@@ -116,8 +119,9 @@ class PostprocessConfig(SCAConfig):
         if not self.temperature > 0:
             raise TpasError(f"--temperature must be > 0; got {self.temperature}.")
         if self.rerank_k < 1 or self.rerank_lambda < 0:
-            raise TpasError(f"--rerank-k must be ≥ 1 and --rerank-lambda ≥ 0; got {self.rerank_k}, "
-                            f"{self.rerank_lambda}.")
+            raise TpasError(
+                f"--rerank-k must be ≥ 1 and --rerank-lambda ≥ 0; got {self.rerank_k}, {self.rerank_lambda}."
+            )
 
     def replace(self, **changes: Any) -> PostprocessConfig:
         """A PostprocessConfig (also from a subclass such as the stage's config) with `changes` applied."""
@@ -154,8 +158,9 @@ class Context:
         return self.groups
 
 
-def _context(queries: pd.DataFrame, encoder: Encoder | None, embeddings: np.ndarray | None,
-             cache_dir: str | Path | None) -> Context:
+def _context(
+    queries: pd.DataFrame, encoder: Encoder | None, embeddings: np.ndarray | None, cache_dir: str | Path | None
+) -> Context:
     """The captions (answer order) and, when given, `embeddings` (one row per row of `queries`) re-ordered alike."""
     if embeddings is not None:
         if len(embeddings) != len(queries):
@@ -169,9 +174,9 @@ def _context(queries: pd.DataFrame, encoder: Encoder | None, embeddings: np.ndar
 class Step:
     """A method's result on a `Lists`: `run_chain` applies it and writes the change log."""
 
-    perm: np.ndarray                              # [Q, K] new slot → old slot
-    score: np.ndarray | None = None               # new scores in the new order; None: scores stay with their pairs
-    moves: dict[str, np.ndarray] | None = None    # its own move log (`sca_permutation`'s form); None: top-1 changes
+    perm: np.ndarray  # [Q, K] new slot → old slot
+    score: np.ndarray | None = None  # new scores in the new order; None: scores stay with their pairs
+    moves: dict[str, np.ndarray] | None = None  # its own move log (`sca_permutation`'s form); None: top-1 changes
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     after: Callable[[Lists], dict[str, Any]] | None = None  # more info, measured on the permuted lists
 
@@ -190,8 +195,8 @@ class Method:
 
     apply: Apply
     grid: Callable[[Scales], list[dict[str, Any]]]  # the settings `tune` tries (the keys are among `fields`)
-    fields: tuple[str, ...]                         # the PostprocessConfig fields `apply` reads
-    summary: tuple[str, ...] = ()                   # step-info keys the sca.py stage puts in its summary
+    fields: tuple[str, ...]  # the PostprocessConfig fields `apply` reads
+    summary: tuple[str, ...] = ()  # step-info keys the sca.py stage puts in its summary
     describe: Callable[[dict[str, Any], int], str] = _changed_line  # the stage's line for a step
 
 
@@ -316,8 +321,9 @@ def _apply_sca(lists: Lists, params: PostprocessConfig, ctx: Context) -> Step:
     perm, log = sca_permutation(lists.img, lists.score, groups, params.top_k, params.max_rounds)
     info["rounds"] = int(log["round"].max()) if len(log["round"]) else 0
     info["moves"] = len(log["q"])
-    return Step(perm, moves=log, info=info,
-                after=lambda done: {"conflicts_after": top1_conflicts_arrays(done.img, groups)})
+    return Step(
+        perm, moves=log, info=info, after=lambda done: {"conflicts_after": top1_conflicts_arrays(done.img, groups)}
+    )
 
 
 def _sca_grid(scale: Scales) -> list[dict[str, Any]]:
@@ -325,9 +331,11 @@ def _sca_grid(scale: Scales) -> list[dict[str, Any]]:
 
 
 def _sca_line(step: dict[str, Any], n_queries: int) -> str:
-    return (f"sca: {step['groups']} groups of similar queries ({step['grouped_queries']} of {n_queries} "
-            f"queries); top-1 conflicts {step['conflicts_before']} → {step['conflicts_after']}; "
-            f"{step['queries_changed']} queries changed ({step['moves']} moves, {step['rounds']} rounds)")
+    return (
+        f"sca: {step['groups']} groups of similar queries ({step['grouped_queries']} of {n_queries} "
+        f"queries); top-1 conflicts {step['conflicts_before']} → {step['conflicts_after']}; "
+        f"{step['queries_changed']} queries changed ({step['moves']} moves, {step['rounds']} rounds)"
+    )
 
 
 def _apply_assign(lists: Lists, params: PostprocessConfig, ctx: Context) -> Step:
@@ -357,13 +365,19 @@ def _apply_rerank(lists: Lists, params: PostprocessConfig, ctx: Context) -> Step
 
 
 def _rerank_grid(scale: Scales) -> list[dict[str, Any]]:
-    return [{"rerank_k": k, "rerank_lambda": _r(scale["head"] * m)}
-            for k in RERANK_K_GRID for m in RERANK_LAMBDA_MULTIPLES]
+    return [
+        {"rerank_k": k, "rerank_lambda": _r(scale["head"] * m)} for k in RERANK_K_GRID for m in RERANK_LAMBDA_MULTIPLES
+    ]
 
 
 REGISTRY: dict[str, Method] = {
-    "sca": Method(_apply_sca, _sca_grid, SCA_FIELDS, summary=("groups", "grouped_queries", "conflicts_before",
-                                                              "conflicts_after", "rounds"), describe=_sca_line),
+    "sca": Method(
+        _apply_sca,
+        _sca_grid,
+        SCA_FIELDS,
+        summary=("groups", "grouped_queries", "conflicts_before", "conflicts_after", "rounds"),
+        describe=_sca_line,
+    ),
     "assign": Method(_apply_assign, _assign_grid, ("top_k", "assign_margin")),
     "dual-softmax": Method(partial(_apply_softmax, dual=True), _temperature_grid, ("temperature",)),
     "inverted-softmax": Method(partial(_apply_softmax, dual=False), _temperature_grid, ("temperature",)),
@@ -393,17 +407,25 @@ def parse_methods(text: str | list[str]) -> list[str]:
 # Applying a chain
 
 
-def _top1_changes(before_img: np.ndarray, before_score: np.ndarray, received: np.ndarray,
-                  lists: Lists) -> dict[str, np.ndarray]:
+def _top1_changes(
+    before_img: np.ndarray, before_score: np.ndarray, received: np.ndarray, lists: Lists
+) -> dict[str, np.ndarray]:
     """The move log of a method without its own: one row per query whose top-1 changed."""
     q = np.flatnonzero((before_img != lists.img[:, 0]) & (before_img >= 0))
-    return {"q": q, "old_image": before_img[q], "new_image": lists.img[q, 0], "old_score": before_score[q],
-            "new_score": received[q], "round": np.ones(len(q), dtype=np.int64),
-            "group": np.full(len(q), -1, dtype=np.int64)}
+    return {
+        "q": q,
+        "old_image": before_img[q],
+        "new_image": lists.img[q, 0],
+        "old_score": before_score[q],
+        "new_score": received[q],
+        "round": np.ones(len(q), dtype=np.int64),
+        "group": np.full(len(q), -1, dtype=np.int64),
+    }
 
 
-def run_chain(lists: Lists, methods: list[str], params: PostprocessConfig, ctx: Context,
-              gt_codes: np.ndarray | None = None) -> tuple[Lists, pd.DataFrame, list[dict[str, Any]]]:
+def run_chain(
+    lists: Lists, methods: list[str], params: PostprocessConfig, ctx: Context, gt_codes: np.ndarray | None = None
+) -> tuple[Lists, pd.DataFrame, list[dict[str, Any]]]:
     """Apply `methods` to a copy of `lists`; returns (result, change log, per-method info)."""
     lists = lists.copy()
     logs, infos = [], []
@@ -421,8 +443,9 @@ def run_chain(lists: Lists, methods: list[str], params: PostprocessConfig, ctx: 
         frame = change_log(log, lists.order, lists.names)
         frame.insert(0, "method", pd.Series([name] * len(frame), dtype="string"))
         logs.append(frame)
-        info.update(method=name, seconds=time.perf_counter() - start,
-                    queries_changed=int(frame["query_index"].nunique()))
+        info.update(
+            method=name, seconds=time.perf_counter() - start, queries_changed=int(frame["query_index"].nunique())
+        )
         if gt_codes is not None:
             info["metrics"] = array_metrics(lists.img, gt_codes)
         infos.append(info)
@@ -431,16 +454,25 @@ def run_chain(lists: Lists, methods: list[str], params: PostprocessConfig, ctx: 
 
 
 def _empty_log() -> pd.DataFrame:
-    frame = change_log({k: np.empty(0) for k in ("q", "old_image", "new_image", "old_score", "new_score", "round",
-                                                 "group")}, [], np.empty(0, dtype=object))
+    frame = change_log(
+        {k: np.empty(0) for k in ("q", "old_image", "new_image", "old_score", "new_score", "round", "group")},
+        [],
+        np.empty(0, dtype=object),
+    )
     frame.insert(0, "method", pd.Series([], dtype="string"))
     return frame
 
 
-def apply_methods_with_info(candidates: pd.DataFrame, queries: pd.DataFrame, methods: list[str],
-                            params: PostprocessConfig, encoder: Encoder | None = None,
-                            embeddings: np.ndarray | None = None, cache_dir: str | Path | None = None,
-                            context: Context | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+def apply_methods_with_info(
+    candidates: pd.DataFrame,
+    queries: pd.DataFrame,
+    methods: list[str],
+    params: PostprocessConfig,
+    encoder: Encoder | None = None,
+    embeddings: np.ndarray | None = None,
+    cache_dir: str | Path | None = None,
+    context: Context | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """`apply_methods`, plus info: per-method timings and counts, grouping timings, conversion times."""
     methods = parse_methods(methods)
     order = query_order(queries)
@@ -451,14 +483,25 @@ def apply_methods_with_info(candidates: pd.DataFrame, queries: pd.DataFrame, met
     result, log, steps = run_chain(lists, methods, params, ctx, gt_codes_for(lists, queries))
     start = time.perf_counter()
     frame = from_lists(result)
-    info = {"to_arrays_s": to_s, "from_arrays_s": time.perf_counter() - start, "steps": steps,
-            "grouping": dict(ctx.graph.timings) if ctx.graph is not None else {}, "groups": ctx.groups}
+    info = {
+        "to_arrays_s": to_s,
+        "from_arrays_s": time.perf_counter() - start,
+        "steps": steps,
+        "grouping": dict(ctx.graph.timings) if ctx.graph is not None else {},
+        "groups": ctx.groups,
+    }
     return frame, log, info
 
 
-def apply_methods(candidates: pd.DataFrame, queries: pd.DataFrame, methods: list[str], params: PostprocessConfig,
-                  encoder: Encoder | None = None, embeddings: np.ndarray | None = None,
-                  cache_dir: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def apply_methods(
+    candidates: pd.DataFrame,
+    queries: pd.DataFrame,
+    methods: list[str],
+    params: PostprocessConfig,
+    encoder: Encoder | None = None,
+    embeddings: np.ndarray | None = None,
+    cache_dir: str | Path | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Apply `methods` (names from METHODS) in order; returns (new candidates, change log).
 
     `queries` gives the answer order (`position`) and, for `sca`, the captions; `embeddings`
@@ -494,10 +537,16 @@ def method_grid(name: str, lists: Lists, params: PostprocessConfig) -> list[dict
     return get_method(name).grid(_scales(lists))
 
 
-def tune(candidates: pd.DataFrame, queries: pd.DataFrame, methods: list[str], params: PostprocessConfig,
-         encoder: Encoder | None = None, embeddings: np.ndarray | None = None,
-         cache_dir: str | Path | None = None,
-         progress: Callable[[str], None] | None = None) -> tuple[PostprocessConfig, dict[str, Any]]:
+def tune(
+    candidates: pd.DataFrame,
+    queries: pd.DataFrame,
+    methods: list[str],
+    params: PostprocessConfig,
+    encoder: Encoder | None = None,
+    embeddings: np.ndarray | None = None,
+    cache_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[PostprocessConfig, dict[str, Any]]:
     """Grid-search each method's parameters on a validation set with ground truth (module docstring).
 
     Returns (the chosen config, a report: methods, chosen values, the grid results per method,
@@ -508,8 +557,10 @@ def tune(candidates: pd.DataFrame, queries: pd.DataFrame, methods: list[str], pa
     lists = to_lists(candidates, order)
     gt_codes = gt_codes_for(lists, queries)
     if gt_codes is None:
-        raise TpasError("the validation queries have no gt_image; point --tune at a stage dir whose "
-                        "queries.parquet carries ground truth.")
+        raise TpasError(
+            "the validation queries have no gt_image; point --tune at a stage dir whose "
+            "queries.parquet carries ground truth."
+        )
     ctx = _context(queries, encoder, embeddings, cache_dir)
     baseline = array_metrics(lists.img, gt_codes)
     report: dict[str, Any] = {"methods": methods, "baseline": baseline, "chosen": {}, "grid": {}}
@@ -528,9 +579,11 @@ def tune(candidates: pd.DataFrame, queries: pd.DataFrame, methods: list[str], pa
         report["chosen"][name] = chosen
         report["grid"][name] = results
         if progress:
-            progress(f"tune {name}: {', '.join(f'{k}={v}' for k, v in chosen.items())} → "
-                     f"R@1 {results[best]['R@1']:.2f} mAP {results[best]['mAP']:.2f} "
-                     f"({len(results)} settings)")
+            progress(
+                f"tune {name}: {', '.join(f'{k}={v}' for k, v in chosen.items())} → "
+                f"R@1 {results[best]['R@1']:.2f} mAP {results[best]['mAP']:.2f} "
+                f"({len(results)} settings)"
+            )
     report["final"] = array_metrics(current.img, gt_codes)
     report["params"] = dataclasses.asdict(best_params)
     return best_params, report
@@ -543,6 +596,8 @@ def load_params(path: str | Path) -> tuple[PostprocessConfig, list[str]]:
     names = {f.name for f in dataclasses.fields(PostprocessConfig)}
     if not isinstance(values, dict) or set(values) - names:
         extra = sorted(set(values) - names) if isinstance(values, dict) else []
-        raise TpasError(f"{path}: not a tuned.json from `sca.py --tune` ({'unknown ' + ', '.join(extra) if extra else 'no params'});"
-                        " re-run the tuning.")
+        raise TpasError(
+            f"{path}: not a tuned.json from `sca.py --tune` ({'unknown ' + ', '.join(extra) if extra else 'no params'});"
+            " re-run the tuning."
+        )
     return PostprocessConfig(**values), parse_methods(data.get("methods", ["sca"]))

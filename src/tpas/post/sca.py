@@ -73,16 +73,26 @@ class SCAConfig:
     """
 
     cos_threshold: float = field(0.9, help="sca: sentence-embedding cosine at or above which two captions are similar.")
-    fuzzy_threshold: float = field(85.0, help="sca: rapidfuzz token_set_ratio (0-100) at or above which two captions "
-                                              "are similar.")
-    combine: str = field("or", help="sca: which similarity links two queries: either (or), both (and), cosine "
-                                    "only, fuzzy only.", choices=COMBINE_CHOICES)
+    fuzzy_threshold: float = field(
+        85.0, help="sca: rapidfuzz token_set_ratio (0-100) at or above which two captions are similar."
+    )
+    combine: str = field(
+        "or",
+        help="sca: which similarity links two queries: either (or), both (and), cosine only, fuzzy only.",
+        choices=COMBINE_CHOICES,
+    )
     neighbours: int = field(20, help="sca: nearest captions examined per query when building groups.")
-    grouping: str = field("components", help="sca: groups are the connected components of the similarity graph, "
-                                             "or those split by average-linkage agglomerative clustering.",
-                          choices=GROUPING_CHOICES)
-    knn: str = field("auto", help="sca: neighbour search: faiss exact (auto: up to 20k distinct captions) or IVF.",
-                     choices=KNN_CHOICES)
+    grouping: str = field(
+        "components",
+        help="sca: groups are the connected components of the similarity graph, "
+        "or those split by average-linkage agglomerative clustering.",
+        choices=GROUPING_CHOICES,
+    )
+    knn: str = field(
+        "auto",
+        help="sca: neighbour search: faiss exact (auto: up to 20k distinct captions) or IVF.",
+        choices=KNN_CHOICES,
+    )
     nprobe: int = field(12, help="sca: IVF cells searched per caption (knn ivf, or auto above 20k captions).")
     max_rounds: int = field(50, help="sca: stop resolving conflicts after this many rounds.")
     top_k: int = field(10, help="sca, assign: a query moves only within its first top-k candidates; all are kept.")
@@ -99,8 +109,9 @@ class SCAConfig:
         if self.knn not in KNN_CHOICES:
             raise TpasError(f"--knn must be one of {', '.join(KNN_CHOICES)}; got {self.knn!r}.")
         if self.neighbours < 1 or self.max_rounds < 1 or self.top_k < 2 or self.nprobe < 1:
-            raise TpasError("--neighbours, --max-rounds and --nprobe must be ≥ 1 and --top-k ≥ 2 "
-                            "(SCA needs a 2nd candidate).")
+            raise TpasError(
+                "--neighbours, --max-rounds and --nprobe must be ≥ 1 and --top-k ≥ 2 (SCA needs a 2nd candidate)."
+            )
 
 
 def load_sentence_encoder() -> SentenceTransformer:
@@ -123,8 +134,10 @@ def load_sentence_encoder() -> SentenceTransformer:
 
 def embed_captions(captions: list[str], encoder: Encoder) -> np.ndarray:
     """L2-normalised float32 sentence embeddings, one row per caption."""
-    emb = np.asarray(encoder.encode(list(captions), batch_size=128, convert_to_numpy=True,
-                                    show_progress_bar=len(captions) > 5000), dtype=np.float32)
+    emb = np.asarray(
+        encoder.encode(list(captions), batch_size=128, convert_to_numpy=True, show_progress_bar=len(captions) > 5000),
+        dtype=np.float32,
+    )
     return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
 
@@ -136,8 +149,9 @@ def embedding_cache_path(texts: list[str], model_key: str, cache_dir: str | Path
     return Path(cache_dir) / f"captions-{digest.hexdigest()[:24]}.npy"
 
 
-def cached_embeddings(texts: list[str], encoder: Encoder | None = None, cache_dir: str | Path | None = None,
-                      model_key: str | None = None) -> np.ndarray:
+def cached_embeddings(
+    texts: list[str], encoder: Encoder | None = None, cache_dir: str | Path | None = None, model_key: str | None = None
+) -> np.ndarray:
     """`embed_captions(texts)`, read from / written to `cache_dir` when a model key is known.
 
     The packaged MiniLM (`encoder=None`, loaded only on a cache miss) has a key; another
@@ -159,8 +173,9 @@ def cached_embeddings(texts: list[str], encoder: Encoder | None = None, cache_di
     return emb
 
 
-def knn_pairs(emb: np.ndarray, neighbours: int, knn: str = "auto", nprobe: int = 12, seed: int = 0,
-              train_points: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def knn_pairs(
+    emb: np.ndarray, neighbours: int, knn: str = "auto", nprobe: int = 12, seed: int = 0, train_points: int = 16
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Unique pairs (a < b) where b is among a's `neighbours` nearest rows or vice versa, and their cosine.
 
     `emb` rows should be L2-normalised, so Euclidean distance ranks exactly like cosine (and
@@ -194,8 +209,10 @@ def knn_pairs(emb: np.ndarray, neighbours: int, knn: str = "auto", nprobe: int =
     index.add(emb)
     chunk = 16384
     starts = range(0, n, chunk)
-    found = [index.search(emb[s:s + chunk], k)
-             for s in tqdm(starts, desc="sca: neighbours", unit="chunk", disable=len(starts) < 4, leave=False)]
+    found = [
+        index.search(emb[s : s + chunk], k)
+        for s in tqdm(starts, desc="sca: neighbours", unit="chunk", disable=len(starts) < 4, leave=False)
+    ]
     del quantizer
     dist = np.concatenate([d for d, _ in found]).ravel()
     cols = np.concatenate([i for _, i in found]).ravel().astype(np.int64)
@@ -215,13 +232,13 @@ class CaptionGraph:
     threshold search embeds and searches neighbours only once.
     """
 
-    codes: np.ndarray        # [Q] caption → distinct-caption id (first appearance order)
-    texts: np.ndarray        # [n] distinct captions (object)
-    emb: np.ndarray          # [n, d] L2-normalised
-    a: np.ndarray            # [P] pair ends, a < b
+    codes: np.ndarray  # [Q] caption → distinct-caption id (first appearance order)
+    texts: np.ndarray  # [n] distinct captions (object)
+    emb: np.ndarray  # [n, d] L2-normalised
+    a: np.ndarray  # [P] pair ends, a < b
     b: np.ndarray
-    cos: np.ndarray          # [P] cosine of each pair
-    ratio: np.ndarray        # [P] token_set_ratio, NaN until computed
+    cos: np.ndarray  # [P] cosine of each pair
+    ratio: np.ndarray  # [P] token_set_ratio, NaN until computed
     timings: dict[str, float] = dc_field(default_factory=dict)
     _processed: np.ndarray | None = dc_field(default=None, repr=False)
 
@@ -238,8 +255,13 @@ class CaptionGraph:
         return self.ratio[need]
 
 
-def caption_graph(captions: list[str], cfg: SCAConfig, encoder: Encoder | None = None,
-                  embeddings: np.ndarray | None = None, cache_dir: str | Path | None = None) -> CaptionGraph:
+def caption_graph(
+    captions: list[str],
+    cfg: SCAConfig,
+    encoder: Encoder | None = None,
+    embeddings: np.ndarray | None = None,
+    cache_dir: str | Path | None = None,
+) -> CaptionGraph:
     """Deduplicate captions, embed the distinct ones (or take `embeddings`, one row per caption), find kNN pairs."""
     codes, unique = pd.factorize(pd.Series(list(captions), dtype=object).fillna("").astype(str))
     texts = np.asarray(unique, dtype=object)
@@ -291,8 +313,9 @@ def graph_groups(graph: CaptionGraph, cfg: SCAConfig) -> np.ndarray:
         # cut, i.e. has cosine ≥ cos_threshold: clusters never cross the components of those
         # pairs, so clustering each of them alone gives the same result on far smaller problems.
         strong = graph.cos >= cfg.cos_threshold
-        cos_graph = coo_matrix((np.ones(int(strong.sum()), dtype=np.int8), (graph.a[strong], graph.b[strong])),
-                               shape=(n, n))
+        cos_graph = coo_matrix(
+            (np.ones(int(strong.sum()), dtype=np.int8), (graph.a[strong], graph.b[strong])), shape=(n, n)
+        )
         cos_labels = connected_components(cos_graph, directed=False)[1]
         clusters = _agglomerative(graph, cos_labels, cfg.cos_threshold)
         labels = pd.factorize(pd.MultiIndex.from_arrays([labels, clusters]))[0]
@@ -300,8 +323,9 @@ def graph_groups(graph: CaptionGraph, cfg: SCAConfig) -> np.ndarray:
     return pd.factorize(labels[graph.codes])[0].astype(np.int64)
 
 
-def _agglomerative(graph: CaptionGraph, components: np.ndarray, cos_threshold: float,
-                   max_nodes: int = 50_000, max_pairs: int = 500_000) -> np.ndarray:
+def _agglomerative(
+    graph: CaptionGraph, components: np.ndarray, cos_threshold: float, max_nodes: int = 50_000, max_pairs: int = 500_000
+) -> np.ndarray:
     """Split each component by average-linkage clustering (cosine) on its kNN pairs; labels per node.
 
     Components of two or more captions are packed into batches (≤ max_nodes captions, about
@@ -343,8 +367,9 @@ def _agglomerative(graph: CaptionGraph, components: np.ndarray, cos_threshold: f
         local[nodes] = np.arange(m)
         sel = pair_batch == bid
         la, lb = local[pa[sel]], local[pb[sel]]
-        distance = dict(zip((np.minimum(la, lb) * m + np.maximum(la, lb)).tolist(),
-                            (1.0 - pcos[sel].astype(float)).tolist()))
+        distance = dict(
+            zip((np.minimum(la, lb) * m + np.maximum(la, lb)).tolist(), (1.0 - pcos[sel].astype(float)).tolist())
+        )
         firsts = local[nodes[np.r_[True, components[nodes][1:] != components[nodes][:-1]]]]
 
         def lookup(u: np.ndarray, v: np.ndarray, table: dict[int, float] = distance, width: int = m) -> float:
@@ -353,8 +378,13 @@ def _agglomerative(graph: CaptionGraph, components: np.ndarray, cos_threshold: f
 
         rows, cols = np.r_[la, firsts[:-1]], np.r_[lb, firsts[1:]]
         connectivity = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(m, m))
-        model = AgglomerativeClustering(n_clusters=None, distance_threshold=1.0 - cos_threshold + 1e-9,
-                                        metric=lookup, linkage="average", connectivity=connectivity)
+        model = AgglomerativeClustering(
+            n_clusters=None,
+            distance_threshold=1.0 - cos_threshold + 1e-9,
+            metric=lookup,
+            linkage="average",
+            connectivity=connectivity,
+        )
         out[nodes] = offset + model.fit_predict(np.arange(m, dtype=np.float64)[:, None])
         offset += m
     single = sizes[components] < 2
@@ -362,8 +392,13 @@ def _agglomerative(graph: CaptionGraph, components: np.ndarray, cos_threshold: f
     return pd.factorize(pd.MultiIndex.from_arrays([components, out]))[0]
 
 
-def query_groups(captions: list[str], cfg: SCAConfig, encoder: Encoder | None = None,
-                 embeddings: np.ndarray | None = None, cache_dir: str | Path | None = None) -> np.ndarray:
+def query_groups(
+    captions: list[str],
+    cfg: SCAConfig,
+    encoder: Encoder | None = None,
+    embeddings: np.ndarray | None = None,
+    cache_dir: str | Path | None = None,
+) -> np.ndarray:
     """Group id per query (numbered by first appearance): `graph_groups(caption_graph(...))`.
 
     `embeddings` ([Q, d], one row per caption) skips the encoder; otherwise `encoder` (default:
@@ -402,8 +437,9 @@ def top1_conflicts_arrays(img: np.ndarray, groups: np.ndarray) -> int:
     return int((counts >= 2).sum())
 
 
-def sca_permutation(img: np.ndarray, score: np.ndarray, groups: np.ndarray, top_k: int,
-                    max_rounds: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def sca_permutation(
+    img: np.ndarray, score: np.ndarray, groups: np.ndarray, top_k: int, max_rounds: int
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """SCA on [Q, K] arrays (image codes, -1 = padding; scores, NaN = padding), queries in answer order.
 
     Returns (perm, log): perm[q] lists the original slots in their new order, and log holds
@@ -447,9 +483,17 @@ def sca_permutation(img: np.ndarray, score: np.ndarray, groups: np.ndarray, top_
         movers, p = losers[free.any(axis=1)], free[free.any(axis=1)].argmax(axis=1)
         if movers.size == 0:
             break  # every remaining conflict is unresolvable within top_k
-        log.append({"q": active[movers], "old_image": cur_img[movers, 0], "new_image": cur_img[movers, p],
-                    "old_score": cur_score[movers, 0], "new_score": cur_score[movers, p],
-                    "round": np.full(len(movers), rnd), "group": groups[active[movers]]})
+        log.append(
+            {
+                "q": active[movers],
+                "old_image": cur_img[movers, 0],
+                "new_image": cur_img[movers, p],
+                "old_score": cur_score[movers, 0],
+                "new_score": cur_score[movers, p],
+                "round": np.full(len(movers), rnd),
+                "group": groups[active[movers]],
+            }
+        )
         # Move slot p to the front: [x0..x(p-1), xp] → [xp, x0, ..., x(p-1)], so the given-up x0 is rank 2.
         perm[movers] = np.take_along_axis(perm[movers], move_to_front(p, depth), axis=1)
     perm_full[active, :depth] = perm
@@ -458,8 +502,9 @@ def sca_permutation(img: np.ndarray, score: np.ndarray, groups: np.ndarray, top_
     return perm_full, merged
 
 
-def apply_sca(candidates: pd.DataFrame, groups: np.ndarray, query_order: list[str],
-              cfg: SCAConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+def apply_sca(
+    candidates: pd.DataFrame, groups: np.ndarray, query_order: list[str], cfg: SCAConfig
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Resolve top-1 conflicts inside query groups; returns (new candidates, change log).
 
     A conflict is two or more queries of one group with the same current top-1 image. The one
@@ -489,4 +534,3 @@ def apply_sca(candidates: pd.DataFrame, groups: np.ndarray, query_order: list[st
     frame["rank"] = (inverse[q, col] + 1).astype(np.int32)
     out = frame.sort_values(["_q", "rank"], kind="stable")[list(candidates.columns)].reset_index(drop=True)
     return out, change_log(log, query_order, np.asarray(img_names, dtype=object))
-

@@ -34,9 +34,15 @@ def _set_rng_state(state: dict, runtime: Runtime | None = None) -> None:
         torch.cuda.set_rng_state(state["cuda"], runtime.device)
 
 
-def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, position: dict, scaler: torch.amp.GradScaler | None = None,
-                    runtime: Runtime | None = None) -> None:
+def save_checkpoint(
+    run_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    position: dict,
+    scaler: torch.amp.GradScaler | None = None,
+    runtime: Runtime | None = None,
+) -> None:
     """Write weights + training state into a fresh folder, then swap it in as a whole.
 
     Under DDP every rank must call it (each rank's RNG state is gathered); rank 0 writes."""
@@ -69,13 +75,19 @@ def _load_train_state(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise TpasError(f"{path}: not a tpas checkpoint (it holds objects other than tensors and plain values, which "
-                        f"are never loaded); restore the run's checkpoint or start the run again.") from None
+        raise TpasError(
+            f"{path}: not a tpas checkpoint (it holds objects other than tensors and plain values, which "
+            f"are never loaded); restore the run's checkpoint or start the run again."
+        ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:  # torch's zip reader, truncated files
-        raise TpasError(f"{path}: unreadable ({str(exc).splitlines()[0]}); the checkpoint is damaged: restore it "
-                        f"or start the run again.") from None
+        raise TpasError(
+            f"{path}: unreadable ({str(exc).splitlines()[0]}); the checkpoint is damaged: restore it "
+            f"or start the run again."
+        ) from None
     if not isinstance(state, dict) or not {"optimizer", "scheduler", "position"} <= set(state):
-        raise TpasError(f"{path}: not a tpas checkpoint (no optimizer/scheduler/position); restore the run's checkpoint.")
+        raise TpasError(
+            f"{path}: not a tpas checkpoint (no optimizer/scheduler/position); restore the run's checkpoint."
+        )
     return state
 
 

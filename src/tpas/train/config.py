@@ -17,61 +17,120 @@ from tpas.models.text import CAPTION_CLEANERS
 
 @dataclass
 class TrainConfig:
-    data_root: Path = field(Path("data/demo"), "PAB data root (annotation/train/...); the default demo set is built when empty.")
+    data_root: Path = field(
+        Path("data/demo"), "PAB data root (annotation/train/...); the default demo set is built when empty."
+    )
     subset: int = field(10000, "Number of training pairs sampled (seeded, stratified normal/abnormal); 0 = all.")
     val_size: int = field(500, "Pairs held out for validation (whole source videos), disjoint from the subset.")
     seed: int = field(0, "Seed for subset, shuffling, augmentation and initialisation.")
     epochs: int = field(3, "Epochs over the subset (the paper uses 10 on a GPU; 3 fit the CPU demo).")
-    steps: int | None = field(None, "Train for exactly this many optimizer steps instead of --epochs (the schedule decays over them; equal compute for any --subset).")
-    batch_size: int = field(16, "Pairs per micro-batch on each process. In-batch ITC/ITM negatives come from the micro-batch of all processes together "
-                                "(batch size x processes); an optimizer step sees batch size x processes x --grad-accum pairs.")
+    steps: int | None = field(
+        None,
+        "Train for exactly this many optimizer steps instead of --epochs (the schedule decays over them; equal compute for any --subset).",
+    )
+    batch_size: int = field(
+        16,
+        "Pairs per micro-batch on each process. In-batch ITC/ITM negatives come from the micro-batch of all processes together "
+        "(batch size x processes); an optimizer step sees batch size x processes x --grad-accum pairs.",
+    )
     # The paper's 3e-5 (x2 for new parameters) fine-tunes an X-VLM whose ITC/ITM heads were already
     # pre-trained; the lite preset's heads start random, and on the demo set 1e-4 (x5) reaches
     # val R@1 9.6 after 150 steps where 3e-5 (x2) reaches 1.6 (docs in README).
     lr: float = field(1e-4, "AdamW learning rate for pretrained parameters (paper: 3e-5 for a pre-trained X-VLM).")
     new_lr_mult: float = field(5.0, "Learning-rate multiplier for newly initialised parameters (paper: 2).")
     weight_decay: float = field(0.01, "AdamW weight decay (not on biases and norms).")
-    model: str = field("lite", "Model preset: lite = EfficientNet-Lite0 + MiniLM-L6 (packaged weights); tiny / xvlm-tiny = random, for smoke tests; xvlm-base = Swin-B + BERT-base (weights via --init X-VLM checkpoint); blip-itm / clip = transformers models (--hf-model). See README, Presets.", choices=list(model_lib.PRESETS))
-    hf_model: str | None = field(None, "blip-itm / clip presets: a local transformers model dir (or a hub name when online) to start from; default: the preset's hub name.")
+    model: str = field(
+        "lite",
+        "Model preset: lite = EfficientNet-Lite0 + MiniLM-L6 (packaged weights); tiny / xvlm-tiny = random, for smoke tests; xvlm-base = Swin-B + BERT-base (weights via --init X-VLM checkpoint); blip-itm / clip = transformers models (--hf-model). See README, Presets.",
+        choices=list(model_lib.PRESETS),
+    )
+    hf_model: str | None = field(
+        None,
+        "blip-itm / clip presets: a local transformers model dir (or a hub name when online) to start from; default: the preset's hub name.",
+    )
     # The text pipeline (tpas.models.text): each defaults to the preset's, the reference model's own convention.
-    caption_clean: str | None = field(None, "Caption cleaning before tokenization: pre_caption = X-VLM/CMP's (lower-case, "
-                                            "punctuation deleted, first --max-words words), strip = whitespace only "
-                                            "(default: the preset's: pre_caption for xvlm-* and cmp, strip for the others).",
-                                      choices=list(CAPTION_CLEANERS))
-    max_words: int | None = field(None, "Words pre_caption keeps (default: the preset's: 30 as in X-VLM's retrieval configs, 56 for cmp).")
-    trailing_sep: bool | None = field(None, "End each caption with the tokenizer's [SEP] (default: the preset's: no for "
-                                            "xvlm-*, whose X-VLM tokenizer emits [CLS] + words only; yes for the others).")
-    max_tokens: int | None = field(None, "Maximum caption length in token ids, special tokens included (default: the "
-                                         "preset's: 70 lite/tiny, 40 xvlm-*, 56 cmp, 35 blip-itm, 77 clip).")
-    pad_to_max_tokens: bool | None = field(None, "Pad every caption to --max-tokens instead of the batch's longest "
-                                                 "(default: the preset's: yes for cmp, whose text feature pools the "
-                                                 "padded positions; no elsewhere, where padding changes nothing).")
+    caption_clean: str | None = field(
+        None,
+        "Caption cleaning before tokenization: pre_caption = X-VLM/CMP's (lower-case, "
+        "punctuation deleted, first --max-words words), strip = whitespace only "
+        "(default: the preset's: pre_caption for xvlm-* and cmp, strip for the others).",
+        choices=list(CAPTION_CLEANERS),
+    )
+    max_words: int | None = field(
+        None, "Words pre_caption keeps (default: the preset's: 30 as in X-VLM's retrieval configs, 56 for cmp)."
+    )
+    trailing_sep: bool | None = field(
+        None,
+        "End each caption with the tokenizer's [SEP] (default: the preset's: no for "
+        "xvlm-*, whose X-VLM tokenizer emits [CLS] + words only; yes for the others).",
+    )
+    max_tokens: int | None = field(
+        None,
+        "Maximum caption length in token ids, special tokens included (default: the "
+        "preset's: 70 lite/tiny, 40 xvlm-*, 56 cmp, 35 blip-itm, 77 clip).",
+    )
+    pad_to_max_tokens: bool | None = field(
+        None,
+        "Pad every caption to --max-tokens instead of the batch's longest "
+        "(default: the preset's: yes for cmp, whose text feature pools the "
+        "padded positions; no elsewhere, where padding changes nothing).",
+    )
     image_height: int | None = field(None, "Input image height (default: the preset's, 128 for lite).")
     image_width: int | None = field(None, "Input image width (default: the preset's, 64 for lite).")
-    fusion_layers: int | None = field(None, "Cross-modal fusion layers, initialised from the text model's top layers (default: the preset's).")
+    fusion_layers: int | None = field(
+        None, "Cross-modal fusion layers, initialised from the text model's top layers (default: the preset's)."
+    )
     embed_dim: int | None = field(None, "ITC embedding size (default: the preset's).")
-    init: Path | None = field(None, "Start from these weights (e.g. a pre-trained X-VLM checkpoint; see tpas.models.convert.xvlm) instead of the preset's; "
-                                    "ignored with --resume, where the checkpoint wins.")
+    init: Path | None = field(
+        None,
+        "Start from these weights (e.g. a pre-trained X-VLM checkpoint; see tpas.models.convert.xvlm) instead of the preset's; "
+        "ignored with --resume, where the checkpoint wins.",
+    )
     pab_hard_negatives: bool = field(False, "Also use PAB's own hard_i/hard_c as extra ITM/ITC negatives.")
-    on_bad_sample: str = field("fail", "What to do with a bad record or image: stop with a message, or skip it and count it.", choices=["fail", "skip"])
-    device: str = field("auto", "Where to train: auto = the GPU when torch sees one (under torchrun, GPU LOCAL_RANK), else the CPU.",
-                        choices=["auto", "cpu", "cuda"])
-    precision: str = field("auto", "Arithmetic: auto = bf16 autocast on a GPU that supports it, else fp32; fp16 = autocast with loss scaling (GPU only).",
-                           choices=["auto", "fp32", "bf16", "fp16"])
-    grad_accum: int = field(1, "Micro-batches per optimizer step (gradients accumulated; in-batch negatives still come from one micro-batch). "
-                               "The learning-rate schedule counts optimizer steps.")
-    grad_checkpointing: bool = field(False, "Recompute activations in the backward pass: less memory for larger batches, at the cost of a second forward pass.")
+    on_bad_sample: str = field(
+        "fail",
+        "What to do with a bad record or image: stop with a message, or skip it and count it.",
+        choices=["fail", "skip"],
+    )
+    device: str = field(
+        "auto",
+        "Where to train: auto = the GPU when torch sees one (under torchrun, GPU LOCAL_RANK), else the CPU.",
+        choices=["auto", "cpu", "cuda"],
+    )
+    precision: str = field(
+        "auto",
+        "Arithmetic: auto = bf16 autocast on a GPU that supports it, else fp32; fp16 = autocast with loss scaling (GPU only).",
+        choices=["auto", "fp32", "bf16", "fp16"],
+    )
+    grad_accum: int = field(
+        1,
+        "Micro-batches per optimizer step (gradients accumulated; in-batch negatives still come from one micro-batch). "
+        "The learning-rate schedule counts optimizer steps.",
+    )
+    grad_checkpointing: bool = field(
+        False,
+        "Recompute activations in the backward pass: less memory for larger batches, at the cost of a second forward pass.",
+    )
     compile: bool = field(False, "torch.compile the model (GPU; the first steps are slow while it compiles).")
-    workers: int = field(-1, "DataLoader worker processes (kept alive across epochs); -1 = auto: none when training "
-                             "on a CPU with 2 cores or fewer (a worker takes a core from the model: docs/performance.md), "
-                             "else 1 on a CPU, up to 8 on a GPU.")
-    image_cache: str = field("none", "Decode each training image once, resized to the input size: memory = one uint8 array in RAM "
-                                     "(H x W x 3 bytes per image), disk = the same memory-mapped under the run dir (reused on resume). "
-                                     "Batches stay bit-identical.", choices=["none", "memory", "disk"])
+    workers: int = field(
+        -1,
+        "DataLoader worker processes (kept alive across epochs); -1 = auto: none when training "
+        "on a CPU with 2 cores or fewer (a worker takes a core from the model: docs/performance.md), "
+        "else 1 on a CPU, up to 8 on a GPU.",
+    )
+    image_cache: str = field(
+        "none",
+        "Decode each training image once, resized to the input size: memory = one uint8 array in RAM "
+        "(H x W x 3 bytes per image), disk = the same memory-mapped under the run dir (reused on resume). "
+        "Batches stay bit-identical.",
+        choices=["none", "memory", "disk"],
+    )
     threads: int = field(0, "Torch CPU threads (0 = all cores).")
     runs_dir: Path = field(Path("runs"), "Where run directories are created.")
     name: str = field("demo", "Run name: outputs go to <runs-dir>/<name>/.")
-    resume: bool = field(False, "Continue exactly from <runs-dir>/<name>/checkpoint/ (its saved config is used; --epochs may extend it).")
+    resume: bool = field(
+        False, "Continue exactly from <runs-dir>/<name>/checkpoint/ (its saved config is used; --epochs may extend it)."
+    )
     save_every: int = field(200, "Also checkpoint every N optimizer steps (0 = only at epoch ends).")
     max_steps: int | None = field(None, "Stop after this many optimizer steps in total (smoke tests, benchmarks).")
     progress: bool = field(True, "Show progress bars.")
@@ -97,8 +156,18 @@ class TrainConfig:
 
 # How a resume treats this command's flags (tpas.cli.given_fields tells a given flag from a default):
 # - how, not what, the run computes: this command's value, given or not;
-RUNTIME_FIELDS = ("resume", "max_steps", "progress", "workers", "threads", "device", "compile",
-                  "grad_checkpointing", "image_cache", "save_every")
+RUNTIME_FIELDS = (
+    "resume",
+    "max_steps",
+    "progress",
+    "workers",
+    "threads",
+    "device",
+    "compile",
+    "grad_checkpointing",
+    "image_cache",
+    "save_every",
+)
 # - where things are (the data may have moved; --init is superseded by the checkpoint): given ones
 #   are used, with a note when they differ;
 LOCATION_FIELDS = ("data_root", "runs_dir", "name", "init")
@@ -114,8 +183,9 @@ MODEL_FLAGS = (*model_lib.TEXT_FIELDS, "image_height", "image_width", "fusion_la
 
 def model_config_for(cfg: TrainConfig) -> model_lib.ModelConfig:
     # a flag overrides the preset only when given (None = not given)
-    overrides: dict[str, Any] = {name: getattr(cfg, name) for name in model_lib.TEXT_FIELDS
-                                 if getattr(cfg, name) is not None}
+    overrides: dict[str, Any] = {
+        name: getattr(cfg, name) for name in model_lib.TEXT_FIELDS if getattr(cfg, name) is not None
+    }
     base = model_lib.ModelConfig.from_preset(cfg.model)
     if cfg.image_height or cfg.image_width:
         overrides["image_size"] = (cfg.image_height or base.image_size[0], cfg.image_width or base.image_size[1])

@@ -53,8 +53,15 @@ def leading_resize(transform: Any) -> T.Resize | None:
     return None
 
 
-def build_image_cache(paths: list[str], data_root: Path, resize: T.Resize, mode: str, folder: Path | None = None,
-                      progress: bool = True, threads: int | None = None) -> ResizedImages:
+def build_image_cache(
+    paths: list[str],
+    data_root: Path,
+    resize: T.Resize,
+    mode: str,
+    folder: Path | None = None,
+    progress: bool = True,
+    threads: int | None = None,
+) -> ResizedImages:
     """Decode and resize `paths` (relative to data_root) into a ResizedImages. mode "disk" keeps
     the array in folder/image_cache.npy (+ .json naming its images) and reuses it when it fits."""
     height, width = resize.size
@@ -75,8 +82,13 @@ def build_image_cache(paths: list[str], data_root: Path, resize: T.Resize, mode:
 
     # PIL releases the GIL while decoding and resizing, so threads overlap
     with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
-        for _ in tqdm(pool.map(decode, range(len(paths))), total=len(paths), desc="caching images",
-                      disable=not progress, leave=False):
+        for _ in tqdm(
+            pool.map(decode, range(len(paths))),
+            total=len(paths),
+            desc="caching images",
+            disable=not progress,
+            leave=False,
+        ):
             pass
     if mode == "disk":
         array.flush()
@@ -95,15 +107,24 @@ class PairDataset(Dataset):
     ((epoch, index) keys), so workers that live across epochs see it.
     """
 
-    def __init__(self, frame: pd.DataFrame, data_root: Path, transform: Any, seed: int, hard_negatives: bool = False,
-                 cache: ResizedImages | None = None):
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        data_root: Path,
+        transform: Any,
+        seed: int,
+        hard_negatives: bool = False,
+        cache: ResizedImages | None = None,
+    ):
         self.frame = frame.reset_index(drop=True)
         self.root = Path(data_root)
         self.transform = transform
         self.seed = seed
         self.epoch = 0
         self.cache = cache
-        self.hard_negatives = hard_negatives and self.frame["hard_i"].notna().all() and self.frame["hard_c"].notna().all()
+        self.hard_negatives = (
+            hard_negatives and self.frame["hard_i"].notna().all() and self.frame["hard_c"].notna().all()
+        )
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -156,11 +177,11 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         return self.size // (self.batch_size * self.world_size * self.grad_accum) * self.grad_accum
 
     def _mine(self) -> list[int]:
-        order = torch.tensor(self.order()[:self.batches_per_epoch() * self.batch_size * self.world_size])
+        order = torch.tensor(self.order()[: self.batches_per_epoch() * self.batch_size * self.world_size])
         return order.view(-1, self.world_size, self.batch_size)[:, self.rank].reshape(-1).tolist()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter([(self.epoch, i) for i in self._mine()[self.skip_batches * self.batch_size:]])
+        return iter([(self.epoch, i) for i in self._mine()[self.skip_batches * self.batch_size :]])
 
     def __len__(self) -> int:
         return (self.batches_per_epoch() - self.skip_batches) * self.batch_size
@@ -175,6 +196,7 @@ def make_collate(text: TextPipeline):
             hard = text([i["hard_caption"] for i in items])
             batch["hard_input_ids"], batch["hard_attention_mask"] = hard["input_ids"], hard["attention_mask"]
         return batch
+
     return collate
 
 
@@ -191,11 +213,27 @@ def auto_workers(requested: int, device: torch.device, cpus: int | None = None) 
     return 0 if cpus <= 2 else 1
 
 
-def make_loader(dataset: PairDataset, sampler: ResumableSampler, collate: Any, workers: int, runtime: Runtime,
-                seed: int, prefetch_factor: int | None = None) -> DataLoader:
+def make_loader(
+    dataset: PairDataset,
+    sampler: ResumableSampler,
+    collate: Any,
+    workers: int,
+    runtime: Runtime,
+    seed: int,
+    prefetch_factor: int | None = None,
+) -> DataLoader:
     """One loader for the whole run: its workers persist across epochs (the sampler carries the epoch)."""
     extra = {"prefetch_factor": prefetch_factor} if workers and prefetch_factor else {}
-    return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True, collate_fn=collate,
-                      num_workers=workers, persistent_workers=workers > 0, pin_memory=runtime.device.type == "cuda",
-                      # its own generator: worker seeding must not consume the model's RNG stream
-                      generator=torch.Generator().manual_seed(stable_seed(seed, 11)), **extra)
+    return DataLoader(
+        dataset,
+        batch_size=sampler.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=collate,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=runtime.device.type == "cuda",
+        # its own generator: worker seeding must not consume the model's RNG stream
+        generator=torch.Generator().manual_seed(stable_seed(seed, 11)),
+        **extra,
+    )

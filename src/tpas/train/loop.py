@@ -84,14 +84,21 @@ def batch_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[s
     return {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
 
 
-def training_step(net: torch.nn.Module, micro_batches: list[dict], optimizer: torch.optim.Optimizer,
-                  scaler: torch.amp.GradScaler, runtime: Runtime, timings: dict[str, float] | None = None) -> dict[str, float]:
+def training_step(
+    net: torch.nn.Module,
+    micro_batches: list[dict],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    runtime: Runtime,
+    timings: dict[str, float] | None = None,
+) -> dict[str, float]:
     """One optimizer step over `micro_batches` (gradient accumulation when more than one).
 
     `net` is the model or its DDP / compiled wrapper. Returns the losses averaged over the
     micro-batches and the processes. `timings`, when given, gets the seconds spent in forward,
     backward and optimizer added to it (with CUDA synchronised at each boundary).
     """
+
     def lap(name: str, since: float) -> float:
         if timings is None:
             return since
@@ -126,8 +133,15 @@ def training_step(net: torch.nn.Module, micro_batches: list[dict], optimizer: to
 
 
 @torch.inference_mode()
-def validate(model: model_lib.RetrievalModel, frame: pd.DataFrame, data_root: Path, transform: Any, text: TextPipeline,
-             batch_size: int = 64, runtime: Runtime | None = None) -> dict[str, float]:
+def validate(
+    model: model_lib.RetrievalModel,
+    frame: pd.DataFrame,
+    data_root: Path,
+    transform: Any,
+    text: TextPipeline,
+    batch_size: int = 64,
+    runtime: Runtime | None = None,
+) -> dict[str, float]:
     """ITC text→image retrieval over the held-out pairs (gallery = their distinct images)."""
     runtime = runtime or Runtime()
     model.eval()
@@ -136,13 +150,18 @@ def validate(model: model_lib.RetrievalModel, frame: pd.DataFrame, data_root: Pa
     image_feats, text_feats = [], []
     with runtime.autocast():
         for start in range(0, len(images), batch_size):
-            batch = torch.stack([transform(load_rgb(resolve_image(data_root, p))) for p in images[start:start + batch_size]])
+            batch = torch.stack(
+                [transform(load_rgb(resolve_image(data_root, p))) for p in images[start : start + batch_size]]
+            )
             image_feats.append(model.encode_image(batch.to(runtime.device))[1].float())
         captions = frame["caption"].tolist()
         for start in range(0, len(captions), batch_size):
-            tokens = text(captions[start:start + batch_size])
-            text_feats.append(model.encode_text(tokens["input_ids"].to(runtime.device),
-                                                tokens["attention_mask"].to(runtime.device))[1].float())
+            tokens = text(captions[start : start + batch_size])
+            text_feats.append(
+                model.encode_text(tokens["input_ids"].to(runtime.device), tokens["attention_mask"].to(runtime.device))[
+                    1
+                ].float()
+            )
     scores = (torch.cat(text_feats) @ torch.cat(image_feats).T).cpu().numpy()
     model.train()
     return matrix_metrics(scores, [column[p] for p in frame["image"]])
@@ -154,9 +173,15 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path, resumed: dict | None) -> tupl
         by_id = frame.set_index("image_id", drop=False)
         missing = [i for i in resumed["train"] + resumed["val"] if i not in by_id.index]
         if missing:
-            raise TpasError(f"{run_dir / 'subset.json'}: {len(missing)} saved image_ids (e.g. {missing[0]}) are not in "
-                            f"{cfg.data_root}; resume with the data the run started with.")
-        return by_id.loc[resumed["train"]].reset_index(drop=True), by_id.loc[resumed["val"]].reset_index(drop=True), len(problems)
+            raise TpasError(
+                f"{run_dir / 'subset.json'}: {len(missing)} saved image_ids (e.g. {missing[0]}) are not in "
+                f"{cfg.data_root}; resume with the data the run started with."
+            )
+        return (
+            by_id.loc[resumed["train"]].reset_index(drop=True),
+            by_id.loc[resumed["val"]].reset_index(drop=True),
+            len(problems),
+        )
     train, val = split_train_val(frame, cfg.subset or None, cfg.val_size, cfg.seed)
     columns = ("image", "hard_i") if cfg.pab_hard_negatives else ("image",)
 
@@ -217,16 +242,20 @@ def _resolved_config(cfg: TrainConfig, run_dir: Path, given: set[str]) -> tuple[
             notes.append(f"--{name.replace('_', '-')} {mine} (the run was started with {theirs})")
             setattr(merged, name, mine)
         elif name in SCHEDULE_FIELDS:
-            notes.append(f"--{name} {mine} given: the run was started with {theirs}, and its learning-rate schedule now "
-                         f"decays over the new length, so it will not match a run started with --{name} {mine}")
+            notes.append(
+                f"--{name} {mine} given: the run was started with {theirs}, and its learning-rate schedule now "
+                f"decays over the new length, so it will not match a run started with --{name} {mine}"
+            )
             setattr(merged, name, mine)
             if name == "epochs" and "steps" not in given:
                 merged.steps = None  # --epochs replaces a saved step budget
         else:
             refused.append(f"--{name.replace('_', '-')} {mine} (saved: {theirs})")
     if refused:
-        raise TpasError(f"{run_dir}: --resume continues the run as it was started, but {', '.join(refused)} would change "
-                        f"it; drop {'that flag' if len(refused) == 1 else 'those flags'}, or start a new run with --name.")
+        raise TpasError(
+            f"{run_dir}: --resume continues the run as it was started, but {', '.join(refused)} would change "
+            f"it; drop {'that flag' if len(refused) == 1 else 'those flags'}, or start a new run with --name."
+        )
     merged.__post_init__()
     return merged, notes
 
@@ -245,8 +274,9 @@ def _clear_run(run_dir: Path) -> None:
 
 def train(cfg: TrainConfig) -> dict:
     """Fine-tune and return a summary; everything is written under runs/<name>/ (by rank 0)."""
-    started_group = distributed.init_from_env("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                                              else "cpu")
+    started_group = distributed.init_from_env(
+        "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     run_dir = Path(cfg.runs_dir) / cfg.name
     created = not run_dir.exists()
     try:
@@ -271,8 +301,10 @@ def _open_run(cfg: TrainConfig) -> tuple[TrainConfig, Path, Path | None, model_l
     if cfg.resume and not started_before:
         raise TpasError(f"{run_dir}: no run to resume here; drop --resume to start a new run.")
     if not cfg.resume and started_before:
-        raise TpasError(f"{run_dir}: a run with this name exists; pass --resume to continue it (a run that stopped "
-                        f"before its first checkpoint starts again) or --name for a new one.")
+        raise TpasError(
+            f"{run_dir}: a run with this name exists; pass --resume to continue it (a run that stopped "
+            f"before its first checkpoint starts again) or --name for a new one."
+        )
     if not cfg.resume:
         return cfg, run_dir, None, None, []
     checkpoint = find_checkpoint(run_dir)
@@ -293,8 +325,10 @@ class _Trainer:
         for note in notes:
             self.say(f"note: {note}")
         if self.cfg.resume and self.checkpoint is None:
-            self.say(f"{self.run_dir}: stopped before its first checkpoint; starting it again from step 0 with its "
-                     f"saved settings")
+            self.say(
+                f"{self.run_dir}: stopped before its first checkpoint; starting it again from step 0 with its "
+                f"saved settings"
+            )
             if self.runtime.is_main:
                 _clear_run(self.run_dir)
         self.runtime.barrier()  # every rank has seen the run dir as it was before rank 0 writes into it
@@ -320,8 +354,14 @@ class _Trainer:
             ensure_data(cfg.data_root, cfg.seed)
             train_frame, val_frame, skipped = _prepare_data(cfg, self.run_dir, resumed_subset)
             if self.checkpoint is None:
-                write_json(self.run_dir / "subset.json", {"seed": cfg.seed, "train": train_frame["image_id"].tolist(),
-                                                          "val": val_frame["image_id"].tolist()})
+                write_json(
+                    self.run_dir / "subset.json",
+                    {
+                        "seed": cfg.seed,
+                        "train": train_frame["image_id"].tolist(),
+                        "val": val_frame["image_id"].tolist(),
+                    },
+                )
         runtime.barrier()
         if not runtime.is_main:  # the pairs rank 0 chose (and checked)
             train_frame, val_frame, skipped = _prepare_data(cfg, self.run_dir, read_json(self.run_dir / "subset.json"))
@@ -331,13 +371,19 @@ class _Trainer:
         self.val_frame, bad_val = _readable_captions(val_frame, self.text, cfg)
         self.skipped = skipped + bad_train + bad_val
         if cfg.steps:  # a step budget: enough epochs to hold it, the last one cut short
-            budget_epoch = ResumableSampler(len(self.train_frame), cfg.seed, cfg.batch_size, runtime.rank,
-                                            runtime.world_size, cfg.grad_accum).batches_per_epoch() // cfg.grad_accum
+            budget_epoch = (
+                ResumableSampler(
+                    len(self.train_frame), cfg.seed, cfg.batch_size, runtime.rank, runtime.world_size, cfg.grad_accum
+                ).batches_per_epoch()
+                // cfg.grad_accum
+            )
             self.cfg = cfg = dataclasses.replace(cfg, epochs=math.ceil(cfg.steps / max(1, budget_epoch)))
         if len(self.train_frame) < self.per_step:
-            raise TpasError(f"{cfg.data_root}: only {len(self.train_frame)} usable training pairs, fewer than one "
-                            f"optimizer step takes (--batch-size {cfg.batch_size} x {runtime.world_size} processes x "
-                            f"--grad-accum {cfg.grad_accum}).")
+            raise TpasError(
+                f"{cfg.data_root}: only {len(self.train_frame)} usable training pairs, fewer than one "
+                f"optimizer step takes (--batch-size {cfg.batch_size} x {runtime.world_size} processes x "
+                f"--grad-accum {cfg.grad_accum})."
+            )
         if self.skipped:
             self.say(f"skipped {self.skipped} bad sample(s) (--on-bad-sample skip)")
 
@@ -363,14 +409,16 @@ class _Trainer:
         self.dataset = PairDataset(self.train_frame, cfg.data_root, transform, cfg.seed, cfg.pab_hard_negatives)
         if cfg.image_cache != "none":
             self.dataset.cache = _image_cache(cfg, self.dataset, transform, self.run_dir, runtime)
-        self.sampler = ResumableSampler(len(self.dataset), cfg.seed, cfg.batch_size, runtime.rank, runtime.world_size,
-                                        cfg.grad_accum)
+        self.sampler = ResumableSampler(
+            len(self.dataset), cfg.seed, cfg.batch_size, runtime.rank, runtime.world_size, cfg.grad_accum
+        )
         self.steps_per_epoch = self.sampler.batches_per_epoch() // cfg.grad_accum
         total_steps = cfg.steps or self.steps_per_epoch * cfg.epochs
         model.to(runtime.device)
         self.optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay, cfg.lr, cfg.new_lr_mult), lr=cfg.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           lambda step: max(0.0, 1.0 - step / max(1, total_steps)))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: max(0.0, 1.0 - step / max(1, total_steps))
+        )
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
 
     def restore(self) -> None:
@@ -384,8 +432,10 @@ class _Trainer:
         state = _load_train_state(checkpoint / "train_state.pt")
         saved_world = state["position"].get("world_size", 1)
         if saved_world != runtime.world_size:
-            raise TpasError(f"{checkpoint}: the run was trained by {saved_world} process(es); resume it with "
-                            f"torchrun --nproc_per_node {saved_world} (now {runtime.world_size}).")
+            raise TpasError(
+                f"{checkpoint}: the run was trained by {saved_world} process(es); resume it with "
+                f"torchrun --nproc_per_node {saved_world} (now {runtime.world_size})."
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if "scaler" in state:
@@ -399,18 +449,22 @@ class _Trainer:
     # ---- the epochs
 
     def _save(self) -> None:
-        save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, self.position, self.scaler,
-                        self.runtime)
+        save_checkpoint(
+            self.run_dir, self.model, self.optimizer, self.scheduler, self.position, self.scaler, self.runtime
+        )
 
     def run(self) -> None:
         cfg, runtime = self.cfg, self.runtime
-        self.say(f"training on {runtime.device} ({runtime.precision}), {runtime.world_size} process(es) x "
-                 f"{cfg.batch_size} pairs x {cfg.grad_accum} micro-batch(es) = {self.per_step} pairs per optimizer step, "
-                 f"{self.steps_per_epoch} steps per epoch")
+        self.say(
+            f"training on {runtime.device} ({runtime.precision}), {runtime.world_size} process(es) x "
+            f"{cfg.batch_size} pairs x {cfg.grad_accum} micro-batch(es) = {self.per_step} pairs per optimizer step, "
+            f"{self.steps_per_epoch} steps per epoch"
+        )
         net: torch.nn.Module = self.model
         if runtime.world_size > 1:
-            net = DistributedDataParallel(self.model,
-                                          device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+            net = DistributedDataParallel(
+                self.model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
+            )
         if cfg.compile:
             net = torch.compile(net)
         self.eval_transform = model_lib.image_transform(self.model_cfg, train=False)
@@ -437,8 +491,12 @@ class _Trainer:
         # Losses of steps before a mid-epoch resume come back from the checkpoint.
         losses = list(position.get("epoch_losses", [])) if epoch == position["epoch"] else []
         batches = iter(loader)
-        bar = tqdm(range(start, self.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (cfg.progress and self.runtime.is_main), dynamic_ncols=True)
+        bar = tqdm(
+            range(start, self.steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not (cfg.progress and self.runtime.is_main),
+            dynamic_ncols=True,
+        )
         step_in_epoch, stop = start, False
         for _ in bar:
             micro_batches = [next(batches) for _micro in range(cfg.grad_accum)]
@@ -446,9 +504,13 @@ class _Trainer:
             self.scheduler.step()
             step_in_epoch += 1
             losses.append(out["loss"])
-            self.position = {"epoch": epoch, "step_in_epoch": step_in_epoch,
-                             "global_step": self.position["global_step"] + 1, "world_size": self.runtime.world_size,
-                             "epoch_losses": losses}
+            self.position = {
+                "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
+                "global_step": self.position["global_step"] + 1,
+                "world_size": self.runtime.world_size,
+                "epoch_losses": losses,
+            }
             bar.set_postfix(itc=f"{out['loss_itc']:.3f}", itm=f"{out['loss_itm']:.3f}")
             step = self.position["global_step"]
             if not math.isfinite(losses[-1]):
@@ -466,31 +528,57 @@ class _Trainer:
     def _end_epoch(self, epoch: int, losses: list[float]) -> None:
         """Validate (rank 0), record the history, checkpoint at the epoch boundary."""
         runtime = self.runtime
-        self.position = {"epoch": epoch + 1, "step_in_epoch": 0, "global_step": self.position["global_step"],
-                         "world_size": runtime.world_size}
+        self.position = {
+            "epoch": epoch + 1,
+            "step_in_epoch": 0,
+            "global_step": self.position["global_step"],
+            "world_size": runtime.world_size,
+        }
         if runtime.is_main:
-            metrics = validate(self.model, self.val_frame, self.cfg.data_root, self.eval_transform, self.text,
-                               runtime=runtime) if len(self.val_frame) else {}
-            self.history.append({"epoch": epoch + 1, "step": self.position["global_step"],
-                                 "loss": float(np.mean(losses)) if losses else None, "val_itc": metrics})
+            metrics = (
+                validate(
+                    self.model, self.val_frame, self.cfg.data_root, self.eval_transform, self.text, runtime=runtime
+                )
+                if len(self.val_frame)
+                else {}
+            )
+            self.history.append(
+                {
+                    "epoch": epoch + 1,
+                    "step": self.position["global_step"],
+                    "loss": float(np.mean(losses)) if losses else None,
+                    "val_itc": metrics,
+                }
+            )
             write_json(self.run_dir / "history.json", self.history)
         runtime.barrier()  # the other ranks wait for rank 0's validation
         self._save()
         if runtime.is_main:
             last = self.history[-1]
-            self.say(f"epoch {epoch + 1}: loss {last['loss']:.4f}  "
-                     f"val (ITC) {format_metrics(last['val_itc']) if last['val_itc'] else '-'}")
+            self.say(
+                f"epoch {epoch + 1}: loss {last['loss']:.4f}  "
+                f"val (ITC) {format_metrics(last['val_itc']) if last['val_itc'] else '-'}"
+            )
 
     def finish(self) -> dict:
         runtime = self.runtime
-        summary = {"run_dir": str(self.run_dir), "train_pairs": len(self.train_frame), "val_pairs": len(self.val_frame),
-                   "skipped": self.skipped, "steps": self.position["global_step"],
-                   "seconds": round(time.time() - self.started, 1),
-                   "val_itc": self.history[-1]["val_itc"] if self.history else None, "device": str(runtime.device),
-                   "precision": runtime.precision, "processes": runtime.world_size, "pairs_per_step": self.per_step}
+        summary = {
+            "run_dir": str(self.run_dir),
+            "train_pairs": len(self.train_frame),
+            "val_pairs": len(self.val_frame),
+            "skipped": self.skipped,
+            "steps": self.position["global_step"],
+            "seconds": round(time.time() - self.started, 1),
+            "val_itc": self.history[-1]["val_itc"] if self.history else None,
+            "device": str(runtime.device),
+            "precision": runtime.precision,
+            "processes": runtime.world_size,
+            "pairs_per_step": self.per_step,
+        }
         if runtime.is_main:
-            save_weights(self.model, self.run_dir / "model.safetensors",
-                         {"global_step": str(self.position["global_step"])})
+            save_weights(
+                self.model, self.run_dir / "model.safetensors", {"global_step": str(self.position["global_step"])}
+            )
             write_json(self.run_dir / "train_summary.json", summary)
         runtime.barrier()
         return summary
@@ -505,11 +593,15 @@ def _train(cfg: TrainConfig) -> dict:
     return trainer.finish()
 
 
-def _image_cache(cfg: TrainConfig, dataset: PairDataset, transform: Any, run_dir: Path, runtime: Runtime) -> ResizedImages | None:
+def _image_cache(
+    cfg: TrainConfig, dataset: PairDataset, transform: Any, run_dir: Path, runtime: Runtime
+) -> ResizedImages | None:
     resize = leading_resize(transform)
     if resize is None:
         if runtime.is_main:
-            print(f"--image-cache {cfg.image_cache}: this model's transform does not start with a fixed-size Resize; not caching.")
+            print(
+                f"--image-cache {cfg.image_cache}: this model's transform does not start with a fixed-size Resize; not caching."
+            )
         return None
     paths = dataset.image_paths()
     if cfg.image_cache == "memory":

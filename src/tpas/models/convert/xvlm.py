@@ -64,7 +64,10 @@ XVLM_IGNORED = (
     (re.compile(r"^text_encoder\.(bert\.)?pooler\."), "BERT pooler (unused)"),
     (re.compile(r"^text_encoder\.cls\."), "MLM head (pre-training only)"),
     (re.compile(r"^bbox_head\."), "box head (pre-training / grounding only)"),
-    (re.compile(r"^pose_(block|conv)\."), "CMP's pose branch (tpas ranks from the RGB image alone, without PAB's pose images)"),
+    (
+        re.compile(r"^pose_(block|conv)\."),
+        "CMP's pose branch (tpas ranks from the RGB image alone, without PAB's pose images)",
+    ),
 )
 _CMP_ONLY = re.compile(r"^(pose_block|pose_conv)\.|^(vision|text)_proj\.[02]\.")  # keys X-VLM's checkpoints lack
 _XVLM_ITC_HEAD = ("vision_proj.weight", "vision_proj.bias", "text_proj.weight", "text_proj.bias")
@@ -75,13 +78,16 @@ _TIMM_DROPS = ("relative_position_index", "attn_mask")  # what timm's checkpoint
 
 # ---------------------------------------------------------------- reading
 
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors stored at `path` (run dir, .safetensors, or a weights-only torch file)."""
     path = Path(path)
     if path.is_dir():
         if not (path / "model.safetensors").is_file():
-            raise TpasError(f"{path}: a directory without model.safetensors; pass a run dir of ours (runs/<name>/) "
-                            f"or a checkpoint file.")
+            raise TpasError(
+                f"{path}: a directory without model.safetensors; pass a run dir of ours (runs/<name>/) "
+                f"or a checkpoint file."
+            )
         path = path / "model.safetensors"
     if not path.is_file():
         raise TpasError(f"{path}: no such checkpoint file; check the --init path.")
@@ -91,14 +97,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise TpasError(f"{path}: not a readable safetensors file ({exc}); re-download or re-save it.") from None
     if path.suffix not in TORCH_SUFFIXES:
-        raise TpasError(f"{path}: unknown checkpoint type {path.suffix!r}; use a run dir, .safetensors, "
-                        f"or one of {TORCH_SUFFIXES}.")
+        raise TpasError(
+            f"{path}: unknown checkpoint type {path.suffix!r}; use a run dir, .safetensors, or one of {TORCH_SUFFIXES}."
+        )
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise TpasError(f"{path}: holds more than tensors (torch.load weights_only refused it: "
-                        f"{str(exc).splitlines()[0]}); arbitrary pickles are never loaded - re-save it as a "
-                        f"state dict (torch.save(model.state_dict(), ...)) or as .safetensors.") from None
+        raise TpasError(
+            f"{path}: holds more than tensors (torch.load weights_only refused it: "
+            f"{str(exc).splitlines()[0]}); arbitrary pickles are never loaded - re-save it as a "
+            f"state dict (torch.save(model.state_dict(), ...)) or as .safetensors."
+        ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:  # torch's zip reader, truncated files, ...
         raise TpasError(f"{path}: not a readable PyTorch checkpoint ({exc}).") from None
     return _unwrap(data, path)
@@ -115,15 +124,17 @@ def _unwrap(data: Any, path: Path) -> dict[str, torch.Tensor]:
             break
         data = nested
     if not isinstance(data, dict) or not any(isinstance(v, torch.Tensor) for v in data.values()):
-        raise TpasError(f"{path}: no state dict found (expected tensors, or a dict holding them under "
-                        f"{STATE_DICT_KEYS}).")
+        raise TpasError(
+            f"{path}: no state dict found (expected tensors, or a dict holding them under {STATE_DICT_KEYS})."
+        )
     state = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
 # ---------------------------------------------------------------- X-VLM names
+
 
 def is_xvlm_state_dict(state: dict[str, torch.Tensor]) -> bool:
     return any(k.startswith("vision_encoder.") for k in state) and any(k.startswith("text_encoder.") for k in state)
@@ -147,7 +158,7 @@ def xvlm_target(key: str, text_layers: int, fusion_layers: int) -> str | None:
         return key
     for prefix in ("text_encoder.bert.", "text_encoder."):
         if key.startswith(prefix):
-            rest = key[len(prefix):]
+            rest = key[len(prefix) :]
             break
     else:
         return None
@@ -165,21 +176,26 @@ def xvlm_target(key: str, text_layers: int, fusion_layers: int) -> str | None:
     return None
 
 
-def _convert_swin(vision: dict[str, torch.Tensor], image_encoder: torch.nn.Module, path: str,
-                  ) -> tuple[dict[str, tuple[str, torch.Tensor]], list[str], list[str]]:
+def _convert_swin(
+    vision: dict[str, torch.Tensor],
+    image_encoder: torch.nn.Module,
+    path: str,
+) -> tuple[dict[str, tuple[str, torch.Tensor]], list[str], list[str]]:
     """Official Swin keys (prefix removed) -> {source key: (timm key, tensor)}, plus the keys with
     no counterpart and the resized relative-position tables (timm names)."""
     from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn
 
     if not isinstance(image_encoder, SwinTransformer):
-        raise TpasError(f"{path}: an X-VLM checkpoint needs a Swin image encoder, this model has "
-                        f"{type(image_encoder).__name__}; use --model xvlm-base.")
+        raise TpasError(
+            f"{path}: an X-VLM checkpoint needs a Swin image encoder, this model has "
+            f"{type(image_encoder).__name__}; use --model xvlm-base."
+        )
     targets = image_encoder.state_dict()
     tables, unmapped = {}, []
     for key, value in list(vision.items()):
         if not key.endswith("relative_position_bias_table"):
             continue
-        module_name = key[:-len(".relative_position_bias_table")]
+        module_name = key[: -len(".relative_position_bias_table")]
         try:
             heads = image_encoder.get_submodule(module_name).relative_position_bias_table.shape[1]
         except AttributeError:  # a block this model does not have: leave it to the unmapped list
@@ -187,18 +203,24 @@ def _convert_swin(vision: dict[str, torch.Tensor], image_encoder: torch.nn.Modul
             del vision[key]
             continue
         if value.ndim != 2 or value.shape[1] != heads:
-            raise TpasError(f"{path}: vision_encoder.{key} has shape {tuple(value.shape)} but the model's "
-                            f"image_encoder.{module_name} has {heads} heads; this checkpoint's Swin is another size.")
+            raise TpasError(
+                f"{path}: vision_encoder.{key} has shape {tuple(value.shape)} but the model's "
+                f"image_encoder.{module_name} has {heads} heads; this checkpoint's Swin is another size."
+            )
         tables[key] = tuple(value.shape)
     kept = [k for k in vision if not any(n in k for n in _TIMM_DROPS)]  # the keys timm's converter returns, in order
     try:
         converted = checkpoint_filter_fn(dict(vision), image_encoder)
     except (ValueError, RuntimeError, AssertionError) as exc:  # timm's interpolation names no key
-        raise TpasError(f"{path}: timm could not convert the Swin weights ({exc}); the relative-position tables "
-                        f"{sorted(tables)[:3]} do not fit this model's windows.") from None
+        raise TpasError(
+            f"{path}: timm could not convert the Swin weights ({exc}); the relative-position tables "
+            f"{sorted(tables)[:3]} do not fit this model's windows."
+        ) from None
     if len(converted) != len(kept):
-        raise TpasError(f"{path}: timm's Swin conversion kept {len(converted)} of {len(kept)} tensors; "
-                        f"this timm version converts differently - report it.")
+        raise TpasError(
+            f"{path}: timm's Swin conversion kept {len(converted)} of {len(kept)} tensors; "
+            f"this timm version converts differently - report it."
+        )
     mapped, resized = {}, []
     for source, (target, value) in zip(kept, converted.items()):
         if target not in targets:
@@ -212,6 +234,7 @@ def _convert_swin(vision: dict[str, torch.Tensor], image_encoder: torch.nn.Modul
 
 
 # ---------------------------------------------------------------- loading
+
 
 def load_initial_weights(model: RetrievalModel, path: str | Path) -> dict:
     """Load the weights at `path` into `model` (before training) and report what happened.
@@ -237,19 +260,27 @@ def load_state(model: RetrievalModel, state: dict[str, torch.Tensor], path: str)
     if is_xvlm_state_dict(state):
         schema = "cmp" if is_cmp_state_dict(state) else "xvlm"
         if not isinstance(model, XVLMModel) or not isinstance(model.image_adapter, DirectTokens):
-            raise TpasError(f"{path}: an X-VLM/CMP checkpoint fits only the X-VLM-style models; use --model "
-                            f"{'cmp' if schema == 'cmp' else 'xvlm-base'}.")
+            raise TpasError(
+                f"{path}: an X-VLM/CMP checkpoint fits only the X-VLM-style models; use --model "
+                f"{'cmp' if schema == 'cmp' else 'xvlm-base'}."
+            )
         itc_head = model.cfg.itc_head
-        if schema == "cmp" and itc_head != "cmp" and any(k.startswith(("vision_proj.0.", "vision_proj.2.")) for k in state):
-            raise TpasError(f"{path}: a CMP checkpoint, whose ITC heads pool the tokens (vision_proj.0/.2); "
-                            f"--model {model.cfg.preset} has X-VLM's; use --model cmp.")
+        if (
+            schema == "cmp"
+            and itc_head != "cmp"
+            and any(k.startswith(("vision_proj.0.", "vision_proj.2.")) for k in state)
+        ):
+            raise TpasError(
+                f"{path}: a CMP checkpoint, whose ITC heads pool the tokens (vision_proj.0/.2); "
+                f"--model {model.cfg.preset} has X-VLM's; use --model cmp."
+            )
         vision = {}
         for key, value in state.items():
             reason = xvlm_ignored_reason(key, itc_head)
             if reason:
                 ignored[key] = reason
             if key.startswith("vision_encoder."):
-                vision[key[len("vision_encoder."):]] = value  # buffers too: timm's converter drops them itself
+                vision[key[len("vision_encoder.") :]] = value  # buffers too: timm's converter drops them itself
             elif not reason:
                 target = xvlm_target(key, len(model.text_encoder.encoder.layer), len(model.fusion))
                 if target is None:
@@ -275,29 +306,52 @@ def load_state(model: RetrievalModel, state: dict[str, torch.Tensor], path: str)
             loaded[target] = value
     if bad_shapes:
         more = f" (and {len(bad_shapes) - 3} more)" if len(bad_shapes) > 3 else ""
-        raise TpasError(f"{path}: shapes do not fit this model: {'; '.join(bad_shapes[:3])}{more}; "
-                        f"choose the --model preset the checkpoint was trained with.")
+        raise TpasError(
+            f"{path}: shapes do not fit this model: {'; '.join(bad_shapes[:3])}{more}; "
+            f"choose the --model preset the checkpoint was trained with."
+        )
     if not loaded:
-        raise TpasError(f"{path}: no tensor fits this model (keys such as {sorted(state)[:3]}); "
-                        f"is it a checkpoint for --model {getattr(model.cfg, 'preset', '?')}?")
+        raise TpasError(
+            f"{path}: no tensor fits this model (keys such as {sorted(state)[:3]}); "
+            f"is it a checkpoint for --model {getattr(model.cfg, 'preset', '?')}?"
+        )
     model.load_state_dict(loaded, strict=False)  # copy_ casts e.g. fp16 checkpoints to the model's dtype
 
     missing = [k for k in targets if k not in loaded]
-    report = {"path": str(path), "schema": schema, "loaded": sorted(loaded), "ignored": ignored,
-              "unmapped": sorted(unmapped), "missing": missing, "interpolated": sorted(interpolated),
-              "counts": {"source": len(state), "loaded": len(loaded), "ignored": len(ignored),
-                         "unmapped": len(unmapped), "missing": len(missing), "interpolated": len(interpolated)}}
+    report = {
+        "path": str(path),
+        "schema": schema,
+        "loaded": sorted(loaded),
+        "ignored": ignored,
+        "unmapped": sorted(unmapped),
+        "missing": missing,
+        "interpolated": sorted(interpolated),
+        "counts": {
+            "source": len(state),
+            "loaded": len(loaded),
+            "ignored": len(ignored),
+            "unmapped": len(unmapped),
+            "missing": len(missing),
+            "interpolated": len(interpolated),
+        },
+    }
     _print_report(report)
     return report
 
 
 def _print_report(report: dict) -> None:
     counts = report["counts"]
-    print(f"init: {counts['loaded']} tensors loaded from {report['path']} ({report['schema']} names; "
-          f"{counts['ignored']} ignored on purpose, {counts['interpolated']} relative-position tables interpolated)")
+    print(
+        f"init: {counts['loaded']} tensors loaded from {report['path']} ({report['schema']} names; "
+        f"{counts['ignored']} ignored on purpose, {counts['interpolated']} relative-position tables interpolated)"
+    )
     if report["unmapped"]:
-        print(f"WARNING: init: {len(report['unmapped'])} checkpoint tensors map to nothing in this model and were "
-              f"NOT loaded: {', '.join(report['unmapped'])}")
+        print(
+            f"WARNING: init: {len(report['unmapped'])} checkpoint tensors map to nothing in this model and were "
+            f"NOT loaded: {', '.join(report['unmapped'])}"
+        )
     if report["missing"]:
-        print(f"WARNING: init: {len(report['missing'])} model tensors got NO weights from the checkpoint and keep "
-              f"their random initialisation: {', '.join(report['missing'])}")
+        print(
+            f"WARNING: init: {len(report['missing'])} model tensors got NO weights from the checkpoint and keep "
+            f"their random initialisation: {', '.join(report['missing'])}"
+        )
