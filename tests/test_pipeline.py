@@ -30,6 +30,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_four_scripts_end_to_end(demo: Path, tmp_path: Path) -> None:
     runs, out = tmp_path / "runs", tmp_path / "out"
     _run(
@@ -140,6 +141,7 @@ def test_four_scripts_end_to_end(demo: Path, tmp_path: Path) -> None:
     assert pd.read_parquet(out / "again" / "candidates.parquet").equals(candidates)
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_without_traceback(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "infer.py", "--data-root", str(tmp_path), "--no-progress"],
@@ -154,6 +156,7 @@ def test_bad_input_is_one_line_without_traceback(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_fine_tuning_beats_zero_shot(demo: Path, tmp_path: Path) -> None:
     """The real preset (packaged weights), a few dozen steps: far above the untrained heads."""
     train(
@@ -224,6 +227,7 @@ def test_nan_scores_are_refused_not_written(demo: Path, tmp_path: Path, monkeypa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_config_replays_a_saved_config_and_given_flags_win(demo: Path, tmp_path: Path) -> None:
     """--config FILE: every flag not given takes the file's value; a given one wins."""
     runs, out = tmp_path / "runs", tmp_path / "out"

@@ -77,9 +77,9 @@ class InferConfig:
         "How ITC and ITM combine into the ranking score (tpas.scores; l1/l0 = ITM match/no-match "
         "logit): xvlm = l1 (X-VLM Retrieval.py), cmp = minmax(l1) + 0.002 minmax(ITC) (CMP eval.py), "
         "blip = l1 + ITC (BLIP train_retrieval.py), log-odds = l1 - l0, tpas = l1 - l0 + "
-        "--itc-weight x ITC, itc = ITC alone. Default: the preset's (xvlm for xvlm-*, blip for "
-        "blip-itm, tpas for lite/tiny: best on the demo validation set; itc for clip). metrics.json "
-        "scores every rule.",
+        "--itc-weight x ITC, itc = ITC alone. Default: the run's preset's (xvlm for xvlm-*, cmp for cmp, "
+        "blip for blip-itm, tpas for lite/tiny: measured on the demo validation set, README; itc for "
+        "clip). metrics.json scores every rule.",
         choices=list(scores_lib.SCORE_RULES),
     )
     itc_weight: float | None = field(

@@ -255,3 +255,32 @@ def test_reference_checks_catch_each_broken_convention(loaded, reference, broken
             (_run(model, bad, reference)["text_feat"] - torch.tensor(reference["outputs"]["text_feat"])).abs().max()
         )
     assert gap > 100 * ATOL, f"{broken}: only {gap:.3g} from the reference"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: run `pytest -k reference_on_cuda -s` on one")
+def test_reference_on_cuda_in_fp32_and_bf16(loaded, reference):
+    """The fixture on a GPU: fp32 must stay within the CPU tolerance's order; bf16 autocast's max
+    differences are printed (a record, not a gate: CPU CI is the gate)."""
+    model, cfg = loaded
+    want = reference["outputs"]
+    model = model.to("cuda")
+    gaps = {}
+    for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        images = _pixels(cfg, [image["file"] for image in reference["images"]]).cuda()
+        tokens = {k: v.cuda() for k, v in _text(cfg, reference["captions"]).items()}
+        with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            image_embeds, image_feat = model.encode_image(images)
+            _, text_feat = model.encode_text(tokens["input_ids"], tokens["attention_mask"])
+            n_text, n_image = len(text_feat), len(image_feat)
+            rows, cols = torch.arange(n_text).repeat_interleave(n_image), torch.arange(n_image).repeat(n_text)
+            hidden = model.encode_text(tokens["input_ids"], tokens["attention_mask"])[0]
+            logits = model.itm_head(model.fuse(hidden[rows], tokens["attention_mask"][rows], image_embeds[cols]))
+        ours = {
+            "image_feat": image_feat,
+            "text_feat": text_feat,
+            "itc_over_temp": text_feat @ image_feat.T / model.temp,
+            "itm_logits": logits.reshape(n_text, n_image, 2),
+        }
+        gaps[precision] = {k: float((v.float().cpu() - torch.tensor(want[k])).abs().max()) for k, v in ours.items()}
+    print(json.dumps({"device": torch.cuda.get_device_name(0), "max_abs_difference": gaps}, indent=2))
+    assert max(gaps["fp32"].values()) <= 1e-4  # TF32 off by default for inference; cuBLAS rounding only
