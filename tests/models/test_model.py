@@ -372,3 +372,19 @@ def test_default_preset_builds_offline_and_trains():
         f"on {torch.get_num_threads()} threads"
     )
     assert torch.isfinite(out["loss"])
+
+
+def test_image_stage_takes_an_earlier_feature_map_with_more_tokens():
+    cfg = M.ModelConfig.from_preset("tiny")
+    final = M.build_model(cfg)
+    earlier = M.build_model(dataclasses.replace(cfg, image_stage=4))  # Lite0 stage 4: stride 16, 112 channels
+    assert final.image_grid == (2, 1) and earlier.image_grid == (4, 2)
+    assert earlier.image_proj.in_features == 112 and not isinstance(
+        earlier.image_encoder.conv_head, type(final.image_encoder.conv_head)
+    )
+    embeds, feat = earlier.encode_image(torch.randn(2, 3, *cfg.image_size))
+    assert embeds.shape[1] == 1 + 4 * 2 and feat.shape == (2, cfg.embed_dim)
+    with pytest.raises(TpasError, match="image_stage must be 0..6"):
+        M.build_model(dataclasses.replace(cfg, image_stage=7))
+    with pytest.raises(TpasError, match="needs a timm EfficientNet-style backbone"):
+        M.build_model(dataclasses.replace(M.ModelConfig.from_preset("xvlm-tiny"), image_stage=1))

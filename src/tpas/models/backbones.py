@@ -85,4 +85,18 @@ def build_image_encoder(cfg: ModelConfig, **extra: Any) -> nn.Module:
     if cfg.image_pretrained:
         load_efficientnet_lite0_weights(model)
     model.reset_classifier(0, "")
+    if cfg.image_stage is not None:
+        _truncate(model, cfg.image_stage)
     return model
+
+
+def _truncate(model: nn.Module, stage: int) -> None:
+    """Keep a timm EfficientNet's stages 0..stage: its feature map is then that stage's (e.g. stage 4
+    of Lite0: 112 channels at stride 16, 4x the tokens of the final map), without the head conv."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not hasattr(model, "conv_head"):
+        raise TpasError(f"image_stage needs a timm EfficientNet-style backbone; {type(model).__name__} has no stages.")
+    if not 0 <= stage < len(blocks):
+        raise TpasError(f"image_stage must be 0..{len(blocks) - 1} for {type(model).__name__}; got {stage}.")
+    model.blocks = blocks[: stage + 1]
+    model.conv_head, model.bn2 = nn.Identity(), nn.Identity()

@@ -193,6 +193,7 @@ class ModelConfig:
     image_backbone: str = "tf_efficientnet_lite0"  # timm name
     image_size: tuple[int, int] = (128, 64)  # (H, W); pedestrian crops
     image_pretrained: bool = True  # load the packaged ImageNet weights
+    image_stage: int | None = None  # a CNN's feature map from this stage (None: its final one)
     text_model: str | None = None  # dir of a BERT-like model; None = packaged MiniLM-L6
     text_config: dict | None = None  # build a RANDOM BertModel from this config (tests, tiny)
     text_pretrained: bool = True

@@ -77,6 +77,11 @@ class TrainConfig:
     )
     image_height: int | None = field(None, "Input image height (default: the preset's, 128 for lite).")
     image_width: int | None = field(None, "Input image width (default: the preset's, 64 for lite).")
+    image_stage: int | None = field(
+        None,
+        "Take the image tokens from this stage of the CNN instead of its final map (lite: 4 = 112 channels at "
+        "stride 16, 8x4 = 32 tokens instead of 4x2 = 8; an ablation for issue 13, docs/demo-quality.md).",
+    )
     fusion_layers: int | None = field(
         None, "Cross-modal fusion layers, initialised from the text model's top layers (default: the preset's)."
     )
@@ -178,7 +183,15 @@ SCHEDULE_FIELDS = ("epochs", "steps")
 
 # TrainConfig fields that only override the preset's ModelConfig (None = the preset's value); what
 # they resolve to is saved in config.json's "model".
-MODEL_FLAGS = (*model_lib.TEXT_FIELDS, "image_height", "image_width", "fusion_layers", "embed_dim", "hf_model")
+MODEL_FLAGS = (
+    *model_lib.TEXT_FIELDS,
+    "image_height",
+    "image_width",
+    "image_stage",
+    "fusion_layers",
+    "embed_dim",
+    "hf_model",
+)
 
 
 def model_config_for(cfg: TrainConfig) -> model_lib.ModelConfig:
@@ -189,6 +202,8 @@ def model_config_for(cfg: TrainConfig) -> model_lib.ModelConfig:
     base = model_lib.ModelConfig.from_preset(cfg.model)
     if cfg.image_height or cfg.image_width:
         overrides["image_size"] = (cfg.image_height or base.image_size[0], cfg.image_width or base.image_size[1])
+    if cfg.image_stage is not None:
+        overrides["image_stage"] = cfg.image_stage
     if cfg.fusion_layers is not None:
         overrides["fusion_layers"] = cfg.fusion_layers
     if cfg.embed_dim is not None:
