@@ -221,8 +221,19 @@ def test_bad_image_fails_or_is_skipped(tmp_path: Path) -> None:
     broken = root / records[4]["image"]
     broken.write_bytes(broken.read_bytes()[:40])
     with pytest.raises(TpasError, match=r"attr_0.json, line 5: image .*unreadable.*--on-bad-sample skip"):
-        train(_cfg(root, tmp_path, name="fail", subset=0, val_size=0, max_steps=1))
-    summary = train(_cfg(root, tmp_path, name="skip", subset=0, val_size=0, max_steps=1, on_bad_sample="skip"))
+        train(_cfg(root, tmp_path, name="fail", subset=0, val_size=0, max_steps=1, pab_hard_negatives=False))
+    summary = train(
+        _cfg(
+            root,
+            tmp_path,
+            name="skip",
+            subset=0,
+            val_size=0,
+            max_steps=1,
+            on_bad_sample="skip",
+            pab_hard_negatives=False,
+        )
+    )
     assert summary["skipped"] == 1 and summary["train_pairs"] == 29
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from tpas.models import losses
 from tpas.models.config import TEMP_RANGE, ModelConfig
 
-NO_DECAY_SUFFIXES = ("pos_embed", "position_embedding", "temp", "logit_scale")  # besides biases and norms
+NO_DECAY_SUFFIXES = ("pos_embed", "position_embedding", "temp", "logit_scale", "image_cls")  # besides biases and norms
 
 
 class RetrievalModel(nn.Module):
@@ -33,6 +33,8 @@ class RetrievalModel(nn.Module):
     has_itm: bool = True  # False: a dual encoder; retrieval ranks by ITC alone
     itm_pretrained: bool = False  # the ITM head came trained with the checkpoint: zero-shot re-ranks with it
     grad_checkpointing: bool = False
+    # training: the ITM loss covers this many pairs of each micro-batch (None: all; tpas.models.losses)
+    itm_pairs: int | None = None
 
     # ---- what each model provides
 
@@ -47,6 +49,27 @@ class RetrievalModel(nn.Module):
     def itm_logits(self, image_state: torch.Tensor, text_state: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """[B, 2] (no match, match) logits for row-aligned (image, caption) pairs."""
         raise NotImplementedError
+
+    # ---- what a model with locked (frozen) parts also provides, for training on cached features
+
+    def cached_inputs(self) -> tuple[bool, bool]:
+        """(image, text): whether image_features / text_states are frozen functions of the input,
+        which training may then compute once and cache (tpas.train.features)."""
+        return False, False
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no cacheable image features")
+
+    def encode_image_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} has no cacheable image features")
+
+    def text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no cacheable text states")
+
+    def encode_text_states(
+        self, states: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} has no cacheable text states")
 
     def is_new_parameter(self, name: str) -> bool:
         """True for parameters not initialised from pretrained weights (they train at lr × new_lr_mult)."""
@@ -73,13 +96,17 @@ class RetrievalModel(nn.Module):
 
     def forward(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | None,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         hard_images: torch.Tensor | None = None,
         hard_input_ids: torch.Tensor | None = None,
         hard_attention_mask: torch.Tensor | None = None,
         image_ids: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        hard_image_features: torch.Tensor | None = None,
+        text_states: torch.Tensor | None = None,
+        hard_text_states: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """ITC + ITM losses for B (image, caption) pairs.
 
@@ -98,8 +125,8 @@ class RetrievalModel(nn.Module):
             raise ValueError("hard_input_ids and hard_attention_mask go together.")
         with torch.no_grad():
             self.temp.clamp_(*TEMP_RANGE)
-        image_embeds, image_feat = self.encode_image(images)
-        text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
+        image_embeds, image_feat = self._encode_image(images, image_features)
+        text_embeds, text_feat = self._encode_text(input_ids, attention_mask, text_states)
         everyone = losses.gather_batch(self, image_feat, text_feat, input_ids, attention_mask, image_ids)
         if everyone is None:
             positive = losses.positive_pairs(input_ids, attention_mask, image_ids)
@@ -108,9 +135,13 @@ class RetrievalModel(nn.Module):
                 everyone["rows"]
             ]
 
-        hard_img = self.encode_image(hard_images) if hard_images is not None else None
+        hard_img = (
+            self._encode_image(hard_images, hard_image_features)
+            if hard_images is not None or hard_image_features is not None
+            else None
+        )
         hard_txt = (
-            (*self.encode_text(hard_input_ids, hard_attention_mask), hard_attention_mask)
+            (*self._encode_text(hard_input_ids, hard_attention_mask, hard_text_states), hard_attention_mask)
             if hard_input_ids is not None
             else None
         )
@@ -137,8 +168,21 @@ class RetrievalModel(nn.Module):
             hard_img[0] if hard_img else None,
             hard_txt,
             everyone,
+            self.itm_pairs,
         )
         return {"loss": loss_itc + loss_itm, "loss_itc": loss_itc, "loss_itm": loss_itm}
+
+    def _encode_image(
+        self, images: torch.Tensor | None, features: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_image(images) if features is None else self.encode_image_features(features)
+
+    def _encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, states: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if states is None:
+            return self.encode_text(input_ids, attention_mask)
+        return self.encode_text_states(states, attention_mask)
 
     # ---- optimisation
 

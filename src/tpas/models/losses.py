@@ -116,10 +116,13 @@ def itm_loss(
     hard_image_embeds: torch.Tensor | None,
     hard_text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     everyone: dict[str, Any] | None = None,
+    pairs: int | None = None,
 ) -> torch.Tensor:
     """X-VLM's matching loss: per positive pair one negative image and one negative text,
     sampled in proportion to softmax(similarity) among non-matching ones, plus PAB's.
-    With `everyone` (see forward), negatives come from the global batch (gathered with grad)."""
+    With `everyone` (see forward), negatives come from the global batch (gathered with grad).
+    pairs: only the first `pairs` rows (a random subset: batches are shuffled) get the loss, their
+    negatives still drawn from the whole batch; the fusion encoder's cost falls in proportion."""
     if everyone is None:
         rows, total = slice(None), len(image_embeds)
         all_image_embeds, all_text_embeds, all_text_mask = image_embeds, text_embeds, text_mask
@@ -145,8 +148,16 @@ def itm_loss(
         has_neg_image = weights_t2i.sum(1) > 0
         # one uniform per row of the global batch; this rank takes its own rows' draws
         uniform = torch.rand(2, total, device=image_feat.device)[:, rows]
-        neg_text = draw_negatives(weights_i2t, uniform[0])[has_neg_text]
-        neg_image = draw_negatives(weights_t2i, uniform[1])[has_neg_image]
+        kept = slice(None) if pairs is None or pairs >= len(image_embeds) else slice(0, pairs)
+        has_neg_text, has_neg_image = has_neg_text[kept], has_neg_image[kept]
+        neg_text = draw_negatives(weights_i2t[kept], uniform[0][kept])[has_neg_text]
+        neg_image = draw_negatives(weights_t2i[kept], uniform[1][kept])[has_neg_image]
+    if kept != slice(None):
+        image_embeds, text_embeds, text_mask = image_embeds[kept], text_embeds[kept], text_mask[kept]
+        if hard_image_embeds is not None:
+            hard_image_embeds = hard_image_embeds[kept]
+        if hard_text is not None:
+            hard_text = tuple(t[kept] for t in hard_text)
 
     # (image tokens, text tokens, text mask) per group; the positives come first
     groups = [(image_embeds, text_embeds, text_mask)]

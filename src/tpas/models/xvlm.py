@@ -150,6 +150,19 @@ class ImageTokens:
         """Create the adapter's parameters on `model`; returns the tokens' width."""
         raise NotImplementedError
 
+    def features(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """What the image encoder computes from the pixels (the part a locked tower caches)."""
+        return model.image_encoder.forward_features(images)
+
+    def grid_of(self, features: torch.Tensor) -> tuple[int, int]:
+        return tuple(features.shape[1:3]) if self.channels_last else tuple(features.shape[2:])
+
+    def channels_of(self, features: torch.Tensor) -> int:
+        return features.shape[3] if self.channels_last else features.shape[1]
+
+    def check(self, encoder: nn.Module, cfg: ModelConfig) -> None:
+        """A TpasError when this adapter cannot read `encoder` as cfg asks."""
+
     def tokens(self, model: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -201,7 +214,96 @@ class DirectTokens(ImageTokens):
         return name.startswith(DIRECT_NEW_PARAM_PREFIXES)
 
 
-IMAGE_TOKENS: dict[str, ImageTokens] = {"projected": ProjectedTokens(), "direct": DirectTokens()}
+class PyramidTokens(ImageTokens):
+    """Several stages of a timm EfficientNet, each resized to cfg.image_grid and concatenated per
+    cell, projected to the text width, then `image_layers` new self-attention layers.
+
+    The late map says what the person does; the early stages keep where each colour is (a frozen
+    Lite0's final map alone reads garment colours poorly: docs/demo-quality.md). The self-attention
+    layers make the ITC feature a function of which colour is where, which a mean of projected
+    tokens cannot be. The CLS is a learned token that these layers fill."""
+
+    def features(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """[B, rows * cols, sum of the stages' channels]: the stages' maps on the grid, cell by cell."""
+        encoder, stages = model.image_encoder, model.cfg.image_stages
+        deepest = len(encoder.blocks) - 1 if -1 in stages else max(stages)
+        x = encoder.bn1(encoder.conv_stem(images))
+        outputs = {}
+        for i, block in enumerate(encoder.blocks[: deepest + 1]):  # later blocks are not read
+            x = outputs[i] = block(x)
+        if -1 in stages:
+            outputs[-1] = encoder.bn2(encoder.conv_head(x))
+        parts = [_to_grid(outputs[stage], model.cfg.image_grid) for stage in stages]
+        return torch.cat(parts, dim=1).flatten(2).transpose(1, 2)
+
+    def check(self, encoder: nn.Module, cfg: ModelConfig) -> None:
+        blocks = getattr(encoder, "blocks", None)
+        if blocks is None or not hasattr(encoder, "conv_head"):
+            raise TpasError(
+                f"image_tokens pyramid needs a timm EfficientNet-style backbone; {type(encoder).__name__} has no stages."
+            )
+        bad = [s for s in cfg.image_stages if not -1 <= s < len(blocks)]
+        if bad or cfg.image_stage is not None:
+            raise TpasError(
+                f"image_stages must be block indices 0..{len(blocks) - 1} or -1 (the final map), without "
+                f"image_stage; got {list(cfg.image_stages)}."
+            )
+
+    def channels_of(self, features: torch.Tensor) -> int:
+        return features.shape[2]
+
+    def grid_of(self, features: torch.Tensor) -> tuple[int, int]:
+        return (features.shape[1], 1)  # checked as a token count
+
+    def build(self, model: nn.Module, channels: int, grid: tuple[int, int], tcfg: BertConfig) -> int:
+        hidden = tcfg.hidden_size
+        model.image_proj = nn.Linear(channels, hidden)
+        model.image_cls = nn.Parameter(torch.zeros(1, 1, hidden))
+        model.image_pos_embed = nn.Parameter(torch.zeros(1, 1 + grid[0] * grid[1], hidden))
+        nn.init.trunc_normal_(model.image_pos_embed, std=0.02)
+        model.image_layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                hidden,
+                tcfg.num_attention_heads,
+                tcfg.intermediate_size,
+                dropout=tcfg.hidden_dropout_prob,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
+            for _ in range(model.cfg.image_layers)
+        )
+        model.image_norm = nn.LayerNorm(hidden, eps=tcfg.layer_norm_eps)
+        return hidden
+
+    def tokens(self, model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+        x = model.image_proj(features)
+        x = torch.cat([model.image_cls.expand(len(x), -1, -1).to(x.dtype), x], dim=1) + model.image_pos_embed
+        for layer in model.image_layers:
+            x = layer(x)
+        return model.image_norm(x)
+
+    def is_new_parameter(self, name: str) -> bool:
+        return name.startswith((*NEW_PARAM_PREFIXES, "image_cls", "image_layers.")) or (
+            name.startswith("fusion.") and NEW_PARAM_INFIX in name
+        )
+
+
+def _to_grid(fmap: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A [B, C, h, w] map on a (rows, cols) grid: average-pooled when finer, repeated when coarser
+    (nearest), as it is when it fits."""
+    if tuple(fmap.shape[2:]) == tuple(grid):
+        return fmap
+    if fmap.shape[2] >= grid[0] and fmap.shape[3] >= grid[1]:
+        return F.adaptive_avg_pool2d(fmap, grid)
+    return F.interpolate(fmap, size=grid, mode="nearest")
+
+
+IMAGE_TOKENS: dict[str, ImageTokens] = {
+    "projected": ProjectedTokens(),
+    "direct": DirectTokens(),
+    "pyramid": PyramidTokens(),
+}
 
 
 # ---------------------------------------------------------------- the model
@@ -241,9 +343,8 @@ class XVLMModel(RetrievalModel):
         self.text_encoder = text_encoder
 
         self.image_adapter = IMAGE_TOKENS[cfg.image_tokens]
-        channels, grid = self._probe_image_grid(
-            image_encoder, cfg.image_size, channels_last=self.image_adapter.channels_last
-        )
+        self.image_adapter.check(image_encoder, cfg)
+        channels, grid = self._probe_image_grid()
         self.image_grid = grid
         self.vision_width = self.image_adapter.build(self, channels, grid, tcfg)
 
@@ -276,21 +377,48 @@ class XVLMModel(RetrievalModel):
         else:
             self.itm_head = nn.Linear(hidden, 2)
         self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
+        self._lock(text_encoder)
 
-    @staticmethod
-    def _probe_image_grid(
-        image_encoder: nn.Module, image_size: tuple[int, int], channels_last: bool = False
-    ) -> tuple[int, tuple[int, int]]:
-        """Channels and (h, w) of the final feature map, from one dummy forward (any timm backbone);
-        channels_last: the backbone gives [B, h, w, C] (a Swin) rather than [B, C, h, w]."""
-        was_training = image_encoder.training
-        image_encoder.eval()  # must not touch BatchNorm statistics
+    def _lock(self, text_encoder: BertModel) -> None:
+        """Freeze what cfg locks (LiT: the image tower; the text embeddings and bottom layers)."""
+        cfg = self.cfg
+        if cfg.lock_image:
+            self.image_encoder.requires_grad_(False)
+        layers = len(text_encoder.encoder.layer)
+        if cfg.lock_text_layers > layers:
+            raise TpasError(f"lock_text_layers={cfg.lock_text_layers} but the text encoder has {layers} layers.")
+        if cfg.lock_text_layers:
+            text_encoder.embeddings.requires_grad_(False)
+            for layer in text_encoder.encoder.layer[: cfg.lock_text_layers]:
+                layer.requires_grad_(False)
+        self.train(self.training)  # a module starts in training mode: the locked parts start in eval
+
+    def cached_inputs(self) -> tuple[bool, bool]:
+        return self.cfg.lock_image, self.cfg.lock_text_layers > 0
+
+    def locked_modules(self) -> list[nn.Module]:
+        """The frozen parts, which stay in eval mode (BatchNorm statistics, no dropout) while training,
+        so what training caches from them is what inference computes."""
+        modules: list[nn.Module] = [self.image_encoder] if self.cfg.lock_image else []
+        if self.cfg.lock_text_layers:
+            modules += [self.text_encoder.embeddings, *self.text_encoder.encoder.layer[: self.cfg.lock_text_layers]]
+        return modules
+
+    def train(self, mode: bool = True) -> XVLMModel:
+        super().train(mode)
+        for module in self.locked_modules():
+            module.eval()
+        return self
+
+    def _probe_image_grid(self) -> tuple[int, tuple[int, int]]:
+        """Channels and grid of the image features, from one dummy forward (any timm backbone)."""
+        encoder = self.image_encoder
+        was_training = encoder.training
+        encoder.eval()  # must not touch BatchNorm statistics
         with torch.no_grad():
-            fmap = image_encoder.forward_features(torch.zeros(1, 3, *image_size))
-        image_encoder.train(was_training)
-        if channels_last:
-            return fmap.shape[3], (fmap.shape[1], fmap.shape[2])
-        return fmap.shape[1], (fmap.shape[2], fmap.shape[3])
+            features = self.image_adapter.features(self, torch.zeros(1, 3, *self.cfg.image_size))
+        encoder.train(was_training)
+        return self.image_adapter.channels_of(features), self.image_adapter.grid_of(features)
 
     @staticmethod
     def _init_cross_attention(module: nn.Module, std: float) -> None:
@@ -303,24 +431,57 @@ class XVLMModel(RetrievalModel):
     # ---- encoders
 
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images [B, 3, H, W] -> (image_embeds [B, 1+h*w, vision_width], unit-norm image_feat [B, E])."""
-        fmap = self.image_encoder.forward_features(images)
-        grid = tuple(fmap.shape[1:3]) if self.image_adapter.channels_last else tuple(fmap.shape[2:])
+        """images [B, 3, H, W] -> (image_embeds [B, 1+N, vision_width], unit-norm image_feat [B, E])."""
+        return self.encode_image_features(self.image_features(images))
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The image encoder's output before the adapter's own layers: what a locked tower caches."""
+        features = self.image_adapter.features(self, images)
+        grid = self.image_adapter.grid_of(features)
         if grid != self.image_grid:
             raise ValueError(
                 f"images of size {tuple(images.shape[2:])} give a {grid} feature map; "
                 f"this model was built for {self.cfg.image_size} ({self.image_grid})."
             )
-        embeds = self.image_adapter.tokens(self, fmap)
+        return features
+
+    def encode_image_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image_features' output -> (image_embeds, unit-norm image_feat), as encode_image."""
+        embeds = self.image_adapter.tokens(self, features)
         return embeds, self._image_feat(embeds)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (text_embeds [B, L, D] = last hidden states, unit-norm text_feat [B, E])."""
+        if self.cfg.lock_text_layers:  # the same layers run one by one, so the cached path is this path
+            return self.encode_text_states(self.text_states(input_ids, attention_mask), attention_mask)
         hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return hidden, self._text_feat(hidden)
+
+    def text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The hidden states after the locked bottom layers (cfg.lock_text_layers): what training caches."""
+        hidden = self.text_encoder.embeddings(input_ids=input_ids)
+        return self._text_layers(hidden, attention_mask, slice(0, self.cfg.lock_text_layers))
+
+    def encode_text_states(
+        self, states: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """text_states' output -> (text_embeds, unit-norm text_feat), as encode_text."""
+        hidden = self._text_layers(states, attention_mask, slice(self.cfg.lock_text_layers, None))
+        return hidden, self._text_feat(hidden)
+
+    def _text_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, which: slice) -> torch.Tensor:
+        # BERT's additive mask, which both its eager and its SDPA attention accept
+        mask = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        for layer in self.text_encoder.encoder.layer[which]:
+            out = layer(hidden, mask)
+            hidden = out[0] if isinstance(out, tuple) else out  # transformers 4 returns a tuple
+        return hidden
+
+    def _text_feat(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.cfg.itc_head == "cmp":  # CLS + the pooled positions after it, padding included (as CMP)
             pooled = self.token_pool(hidden[:, 1:].transpose(1, 2)).transpose(1, 2).flatten(1)
-            return hidden, F.normalize(self.text_proj(torch.cat([hidden[:, 0], pooled], dim=1)), dim=-1)
-        return hidden, F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+            return F.normalize(self.text_proj(torch.cat([hidden[:, 0], pooled], dim=1)), dim=-1)
+        return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
 
     def _image_feat(self, embeds: torch.Tensor) -> torch.Tensor:
         """Unit ITC feature of image tokens [B, 1+N, D]: the CLS projected, or CMP's pooled patch groups."""

@@ -23,13 +23,13 @@ class TrainConfig:
     subset: int = field(10000, "Number of training pairs sampled (seeded, stratified normal/abnormal); 0 = all.")
     val_size: int = field(500, "Pairs held out for validation (whole source videos), disjoint from the subset.")
     seed: int = field(0, "Seed for subset, shuffling, augmentation and initialisation.")
-    epochs: int = field(3, "Epochs over the subset (the paper uses 10 on a GPU; 3 fit the CPU demo).")
+    epochs: int = field(5, "Epochs over the subset (the paper uses 10 on a GPU; 5 fit the CPU demo in about 20 min).")
     steps: int | None = field(
         None,
         "Train for exactly this many optimizer steps instead of --epochs (the schedule decays over them; equal compute for any --subset).",
     )
     batch_size: int = field(
-        16,
+        128,
         "Pairs per micro-batch on each process. In-batch ITC/ITM negatives come from the micro-batch of all processes together "
         "(batch size x processes); an optimizer step sees batch size x processes x --grad-accum pairs.",
     )
@@ -82,6 +82,36 @@ class TrainConfig:
         "Take the image tokens from this stage of the CNN instead of its final map (lite: 4 = 112 channels at "
         "stride 16, 8x4 = 32 tokens instead of 4x2 = 8; an ablation for issue 13, docs/demo-quality.md).",
     )
+    image_tokens: str | None = field(
+        None,
+        "How the CNN's maps become image tokens: projected = its final map, one token per cell; pyramid = "
+        "--image-stages resized to --image-grid and concatenated per cell (colour from the early stages, "
+        "action from the last); direct = a Swin's tokens as they are (xvlm-*, cmp). Default: the preset's.",
+        choices=list(model_lib.IMAGE_TOKEN_MODES),
+    )
+    image_stages: list[int] = field(
+        [],
+        "pyramid tokens: the CNN blocks read (repeat the flag; -1 = the final 1280-channel map). Default: the preset's "
+        "(lite: 2 4 -1, i.e. 40 channels at stride 8, 112 at stride 16 and the final map).",
+    )
+    image_grid_rows: int | None = field(None, "pyramid tokens: rows of the token grid (default: the preset's, lite 8).")
+    image_grid_cols: int | None = field(
+        None, "pyramid tokens: columns of the token grid (default: the preset's, lite 4)."
+    )
+    image_layers: int | None = field(
+        None,
+        "New self-attention layers over the image tokens before the ITC feature (pyramid tokens; default: the preset's).",
+    )
+    lock_image: bool | None = field(
+        None,
+        "Freeze the pretrained image backbone (LiT): its BatchNorm stays in eval mode and, with --feature-cache, its "
+        "output is computed once per image. Default: the preset's.",
+    )
+    lock_text_layers: int | None = field(
+        None,
+        "Freeze the text embeddings and this many bottom text layers (their states are cached with --feature-cache; "
+        "the layers above and the fusion layers train). Default: the preset's.",
+    )
     fusion_layers: int | None = field(
         None, "Cross-modal fusion layers, initialised from the text model's top layers (default: the preset's)."
     )
@@ -91,7 +121,17 @@ class TrainConfig:
         "Start from these weights (e.g. a pre-trained X-VLM checkpoint; see tpas.models.convert.xvlm) instead of the preset's; "
         "ignored with --resume, where the checkpoint wins.",
     )
-    pab_hard_negatives: bool = field(False, "Also use PAB's own hard_i/hard_c as extra ITM/ITC negatives.")
+    itm_pairs: int = field(
+        32,
+        "ITM loss on only this many pairs of each micro-batch (their negatives still come from the whole batch); "
+        "the fusion encoder's cost falls in proportion, while ITC keeps every in-batch negative (0 = all pairs).",
+    )
+    warmup_steps: int = field(50, "Linear learning-rate warm-up over this many optimizer steps, then linear decay.")
+    pab_hard_negatives: bool = field(
+        True,
+        "Also use PAB's own hard_i/hard_c (a near-twin image and caption per pair) as extra ITC/ITM negatives "
+        "(demo: val R@1 34.4 against 27.2 without, docs/demo-quality.md).",
+    )
     on_bad_sample: str = field(
         "fail",
         "What to do with a bad record or image: stop with a message, or skip it and count it.",
@@ -130,6 +170,14 @@ class TrainConfig:
         "Batches stay bit-identical.",
         choices=["none", "memory", "disk"],
     )
+    feature_cache: str = field(
+        "auto",
+        "Compute a locked part's output once (tpas.train.features): every training image's image features, plain and "
+        "flipped (the only augmentation kept: no random crop), and every caption's locked-layer states, in RAM (fp16). "
+        "auto = memory when the model locks a part and the cache takes under 40% of the machine's memory; none = "
+        "run the locked parts every step (random crops kept).",
+        choices=["auto", "memory", "none"],
+    )
     threads: int = field(0, "Torch CPU threads (0 = all cores).")
     runs_dir: Path = field(Path("runs"), "Where run directories are created.")
     name: str = field("demo", "Run name: outputs go to <runs-dir>/<name>/.")
@@ -155,6 +203,10 @@ class TrainConfig:
             raise TpasError(f"--val-size must be 0 (no validation) or more; got {self.val_size}.")
         if self.subset < 0:
             raise TpasError(f"--subset must be 0 (all pairs) or more; got {self.subset}.")
+        if self.itm_pairs < 0:
+            raise TpasError(f"--itm-pairs must be 0 (all pairs) or more; got {self.itm_pairs}.")
+        if self.warmup_steps < 0:
+            raise TpasError(f"--warmup-steps must be 0 or more; got {self.warmup_steps}.")
         if self.save_every < 0:
             raise TpasError(f"--save-every must be 0 (only at epoch ends) or more; got {self.save_every}.")
 
@@ -188,6 +240,13 @@ MODEL_FLAGS = (
     "image_height",
     "image_width",
     "image_stage",
+    "image_tokens",
+    "image_stages",
+    "image_grid_rows",
+    "image_grid_cols",
+    "image_layers",
+    "lock_image",
+    "lock_text_layers",
     "fusion_layers",
     "embed_dim",
     "hf_model",
@@ -204,8 +263,13 @@ def model_config_for(cfg: TrainConfig) -> model_lib.ModelConfig:
         overrides["image_size"] = (cfg.image_height or base.image_size[0], cfg.image_width or base.image_size[1])
     if cfg.image_stage is not None:
         overrides["image_stage"] = cfg.image_stage
-    if cfg.fusion_layers is not None:
-        overrides["fusion_layers"] = cfg.fusion_layers
+    if cfg.image_grid_rows or cfg.image_grid_cols:
+        overrides["image_grid"] = (cfg.image_grid_rows or base.image_grid[0], cfg.image_grid_cols or base.image_grid[1])
+    if cfg.image_stages:
+        overrides["image_stages"] = tuple(cfg.image_stages)
+    for name in ("image_tokens", "image_layers", "lock_image", "lock_text_layers", "fusion_layers"):
+        if getattr(cfg, name) is not None:
+            overrides[name] = getattr(cfg, name)
     if cfg.embed_dim is not None:
         overrides["embed_dim"] = cfg.embed_dim
     if cfg.hf_model is not None:

@@ -51,6 +51,7 @@ from tpas.metrics import format_metrics, matrix_metrics
 from tpas.models.run import load_weights, save_weights
 from tpas.models.text import TextPipeline
 from tpas.runtime import Runtime, resolve_runtime
+from tpas.train import features
 from tpas.train.checkpoint import (
     _describe_report,
     _load_train_state,
@@ -76,12 +77,26 @@ from tpas.train.data import (
     make_collate,
     make_loader,
 )
+from tpas.train.features import resolve_mode
 
 
 def batch_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The model's keyword arguments from a collated batch, on `device`."""
-    keys = ("images", "input_ids", "attention_mask", "hard_images", "hard_input_ids", "hard_attention_mask")
-    return {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
+    keys = (
+        "images",
+        "input_ids",
+        "attention_mask",
+        "hard_images",
+        "hard_input_ids",
+        "hard_attention_mask",
+        "image_features",
+        "hard_image_features",
+        "text_states",
+        "hard_text_states",
+    )
+    inputs = {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
+    inputs.setdefault("images", None)  # cached image features instead
+    return inputs
 
 
 def training_step(
@@ -405,21 +420,63 @@ class _Trainer:
                 model.set_grad_checkpointing(True)
             except NotImplementedError as exc:
                 raise TpasError(f"--grad-checkpointing: {exc}; train without it.") from None
+        model.to(runtime.device)
         transform = model_lib.image_transform(self.model_cfg, train=True)
         self.dataset = PairDataset(self.train_frame, cfg.data_root, transform, cfg.seed, cfg.pab_hard_negatives)
-        if cfg.image_cache != "none":
+        self.collate = make_collate(self.text)
+        self._cache_features(transform)
+        if cfg.image_cache != "none" and isinstance(self.dataset, PairDataset):
             self.dataset.cache = _image_cache(cfg, self.dataset, transform, self.run_dir, runtime)
         self.sampler = ResumableSampler(
             len(self.dataset), cfg.seed, cfg.batch_size, runtime.rank, runtime.world_size, cfg.grad_accum
         )
         self.steps_per_epoch = self.sampler.batches_per_epoch() // cfg.grad_accum
         total_steps = cfg.steps or self.steps_per_epoch * cfg.epochs
-        model.to(runtime.device)
         self.optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay, cfg.lr, cfg.new_lr_mult), lr=cfg.lr)
+        warmup = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: max(0.0, 1.0 - step / max(1, total_steps))
+            self.optimizer,
+            lambda step: min(1.0, (step + 1) / warmup if warmup else 1.0) * max(0.0, 1.0 - step / max(1, total_steps)),
         )
+        model.itm_pairs = cfg.itm_pairs or None  # 0: all
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
+
+    def _cache_features(self, transform: Any) -> None:
+        """With a locked part and --feature-cache, serve its outputs from a FeatureCache (computed
+        now, from the weights the run starts with: locked weights never change)."""
+        cfg, model = self.cfg, self.model
+        pairs = self.dataset
+        paths = pairs.image_paths()
+        captions = list(
+            dict.fromkeys([*pairs.frame["caption"], *(pairs.frame["hard_c"] if pairs.hard_negatives else [])])
+        )
+        mode = resolve_mode(cfg.feature_cache, model, 0) if cfg.feature_cache != "auto" else None
+        if mode is None:
+            estimate = features.estimate_bytes(
+                model, len(paths), len(captions), self.model_cfg.max_tokens, self.model_cfg.image_size
+            )
+            mode = resolve_mode("auto", model, estimate)
+        if mode == "none":
+            return
+        started = time.time()
+        cache = features.build_feature_cache(
+            model,
+            paths if model.cached_inputs()[0] else [],
+            captions,
+            cfg.data_root,
+            model_lib.image_transform(self.model_cfg, train=False),
+            self.text,
+            self.runtime,
+            progress=cfg.progress and self.runtime.is_main,
+        )
+        self.dataset = features.CachedPairs(
+            self.train_frame, cache, cfg.seed, cfg.pab_hard_negatives, cfg.data_root, transform
+        )
+        self.collate = features.make_cached_collate(cache)
+        self.say(
+            f"cached the locked parts' outputs for {len(paths) if cache.images is not None else 0} images (x2 flips) "
+            f"and {len(captions)} captions: {cache.nbytes() / 2**30:.2f} GiB in {time.time() - started:.0f} s"
+        )
 
     def restore(self) -> None:
         """The checkpoint's weights, optimizer, schedule, scaler, RNG state and position."""
@@ -469,7 +526,7 @@ class _Trainer:
             net = torch.compile(net)
         self.eval_transform = model_lib.image_transform(self.model_cfg, train=False)
         workers = auto_workers(cfg.workers, runtime.device)
-        loader = make_loader(self.dataset, self.sampler, make_collate(self.text), workers, runtime, cfg.seed)
+        loader = make_loader(self.dataset, self.sampler, self.collate, workers, runtime, cfg.seed)
         self.model.train()
         for epoch in range(self.position["epoch"], cfg.epochs):
             stop, finished_epoch, losses = self._epoch(net, loader, epoch)

@@ -1,0 +1,208 @@
+"""Locked towers and cached features: the pyramid image tokens, lock_image / lock_text_layers,
+training on a FeatureCache, ITM on part of the batch, warm-up."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from fakes import _image, _record, write_train
+from safetensors.torch import load_file
+
+from tpas import models as model_lib
+from tpas.data import load_rgb, load_train_annotations, resolve_image
+from tpas.errors import TpasError
+from tpas.models.text import TextPipeline
+from tpas.runtime import Runtime
+from tpas.train import TrainConfig, train
+from tpas.train import features as feature_lib
+
+LOCKED = {
+    "image_tokens": "pyramid",
+    "image_stages": (2, 4, -1),
+    "image_grid": (4, 2),
+    "image_layers": 1,
+    "lock_image": True,
+    "lock_text_layers": 1,
+}
+CAPTIONS = ["a man in a red jacket is lying", "a woman in blue is walking", "a man in green runs", "a girl falls"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _model(seed: int = 0, **overrides) -> model_lib.RetrievalModel:
+    torch.manual_seed(seed)
+    return model_lib.build_model(model_lib.ModelConfig.from_preset("tiny", **{**LOCKED, **overrides}))
+
+
+def _tokens(model: model_lib.RetrievalModel, captions: list[str]) -> dict[str, torch.Tensor]:
+    return TextPipeline(model_lib.build_tokenizer(model.cfg), max_tokens=70)(captions)
+
+
+def _images(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 64, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_cached_parts_compose_to_the_full_encoders() -> None:
+    model = _model().eval()
+    images, tokens = _images(3), _tokens(model, CAPTIONS[:3])
+    features = model.image_features(images)
+    assert features.shape[1] == 4 * 2  # one token per grid cell
+    assert torch.equal(model.encode_image(images)[1], model.encode_image_features(features)[1])
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    states = model.text_states(ids, mask)
+    full, feat = model.encode_text(ids, mask)
+    assert torch.equal(model.encode_text_states(states, mask)[0], full)
+    # the layer-by-layer path is the BertModel's own: the same weights unlocked give the same states
+    unlocked = _model(lock_text_layers=0).eval()
+    unlocked.load_state_dict(model.state_dict())
+    assert torch.allclose(unlocked.encode_text(ids, mask)[0], full, atol=1e-5)
+
+
+def test_locked_parts_get_no_gradient_and_keep_their_batchnorm_statistics() -> None:
+    model = _model().train()
+    assert not model.image_encoder.training and not model.text_encoder.embeddings.training
+    assert not model.text_encoder.encoder.layer[0].training and model.text_encoder.encoder.layer[1].training
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grouped = {id(p) for group in model.param_groups(0.01, 1e-3) for p in group["params"]}
+    assert not grouped & {id(p) for p in model.image_encoder.parameters()}
+    assert "image_layers.0.linear1.weight" in model.new_parameter_names()
+    tokens = _tokens(model, CAPTIONS)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(_images(4), tokens["input_ids"], tokens["attention_mask"])["loss"].backward()
+    optimizer.step()
+    after = model.state_dict()
+    image_keys = [k for k in after if k.startswith("image_encoder.")]
+    assert any("running_mean" in k for k in image_keys)
+    assert all(torch.equal(after[k], before[k]) for k in image_keys)  # BatchNorm statistics too
+    assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("text_encoder.embeddings."))
+    assert not torch.equal(after["image_proj.weight"], before["image_proj.weight"])
+
+
+def test_a_step_on_cached_features_equals_a_step_on_pixels() -> None:
+    model = _model()
+    images, tokens = _images(4), _tokens(model, CAPTIONS)
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    with torch.no_grad():
+        features, states = model.image_features(images), model.text_states(ids, mask)
+    torch.manual_seed(3)
+    from_pixels = model(images, ids, mask)["loss"]
+    torch.manual_seed(3)  # the same dropout masks and ITM negative draws
+    from_cache = model(None, ids, mask, image_features=features, text_states=states)["loss"]
+    assert from_cache.item() == pytest.approx(from_pixels.item(), abs=1e-6)
+
+
+def test_itm_pairs_limits_the_fusion_rows() -> None:
+    model = _model()
+    tokens = _tokens(model, CAPTIONS)
+    seen = []
+    original = model.itm_logits
+
+    def spy(image_state, text_state, text_mask):
+        seen.append(len(image_state))
+        return original(image_state, text_state, text_mask)
+
+    model.itm_logits = spy
+    model(_images(4), tokens["input_ids"], tokens["attention_mask"])
+    model.itm_pairs = 2
+    model(_images(4), tokens["input_ids"], tokens["attention_mask"])
+    assert seen == [4 * 3, 2 * 3]  # positives, a negative image and a negative caption per pair
+
+
+def _data(root: Path) -> Path:
+    colours = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (240, 240, 40)]
+    records = [_record(i, abnormal=i % 2 == 1, video=i // 2) for i in range(40)]
+    write_train(root, records)
+    for i, r in enumerate(records):
+        _image(root / r["image"], colours[i % 4])
+    return root
+
+
+def _cfg(root: Path, runs: Path, **kw) -> TrainConfig:
+    base = {
+        "data_root": root,
+        "model": "tiny",
+        "subset": 24,
+        "val_size": 8,
+        "batch_size": 8,
+        "epochs": 2,
+        "runs_dir": runs,
+        "workers": 0,
+        "progress": False,
+        "save_every": 2,
+        "threads": 1,
+        "image_tokens": "pyramid",
+        "image_stages": [2, 4, -1],
+        "image_grid_rows": 4,
+        "image_grid_cols": 2,
+        "image_layers": 1,
+        "lock_image": True,
+        "lock_text_layers": 1,
+        "pab_hard_negatives": True,
+        "itm_pairs": 4,
+        "warmup_steps": 2,
+    }
+    return TrainConfig(**{**base, **kw})
+
+
+def test_training_on_the_cache_resumes_exactly_and_saves_its_settings(tmp_path: Path, capsys) -> None:
+    root = _data(tmp_path / "pab")
+    train(_cfg(root, tmp_path, name="straight"))
+    assert "cached the locked parts' outputs" in capsys.readouterr().out
+    train(_cfg(root, tmp_path, name="cut", max_steps=3))
+    train(_cfg(root, tmp_path, name="cut", resume=True))
+    straight, resumed = (
+        load_file(str(tmp_path / "straight/model.safetensors")),
+        load_file(str(tmp_path / "cut/model.safetensors")),
+    )
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    saved = json.loads((tmp_path / "straight/config.json").read_text())
+    assert saved["model"]["image_stages"] == [2, 4, -1] and saved["model"]["lock_text_layers"] == 1
+    assert saved["train"]["itm_pairs"] == 4 and saved["train"]["feature_cache"] == "auto"
+    # the run loads and ranks like any other (infer.py's path: pixels through the whole model)
+    model = model_lib.load_run_model(tmp_path / "straight")[0]
+    assert model.cfg.lock_image and model.encode_image(_images(2))[1].shape == (2, model.cfg.embed_dim)
+
+
+def test_a_locked_run_without_the_cache_and_a_cache_with_nothing_locked(tmp_path: Path, capsys) -> None:
+    root = _data(tmp_path / "pab")
+    train(_cfg(root, tmp_path, name="none", feature_cache="none", max_steps=2))
+    assert "cached" not in capsys.readouterr().out
+    with pytest.raises(TpasError, match="needs a model with a locked part"):
+        train(_cfg(root, tmp_path, name="bad", feature_cache="memory", lock_image=False, lock_text_layers=0))
+
+
+def test_cached_flips_are_seeded_per_sample_and_match_the_model(tmp_path: Path) -> None:
+    root = _data(tmp_path / "pab")
+    model = _model().eval()
+    frame = load_train_annotations(root)[0].head(6)
+    transform = model_lib.image_transform(model.cfg, train=False)
+    paths = list(frame["image"])
+    cache = feature_lib.build_feature_cache(
+        model,
+        paths,
+        list(frame["caption"]),
+        root,
+        transform,
+        model_lib.build_text_pipeline(model.cfg),
+        Runtime(),
+        progress=False,
+    )
+    pixels = transform(load_rgb(resolve_image(root, paths[2])))[None]
+    with torch.no_grad():
+        assert torch.allclose(cache.images[2, 0].float(), model.image_features(pixels)[0], atol=1e-2, rtol=1e-3)
+        assert torch.allclose(
+            cache.images[2, 1].float(), model.image_features(pixels.flip(-1))[0], atol=1e-2, rtol=1e-3
+        )
+    pairs = feature_lib.CachedPairs(frame, cache, seed=0)
+    flips = [[pairs[(epoch, i)]["image_row"][1] for i in range(6)] for epoch in (0, 1)]
+    assert flips == [[pairs[(epoch, i)]["image_row"][1] for i in range(6)] for epoch in (0, 1)]
+    assert {f for row in flips for f in row} == {0, 1}
