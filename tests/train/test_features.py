@@ -206,3 +206,11 @@ def test_cached_flips_are_seeded_per_sample_and_match_the_model(tmp_path: Path) 
     flips = [[pairs[(epoch, i)]["image_row"][1] for i in range(6)] for epoch in (0, 1)]
     assert flips == [[pairs[(epoch, i)]["image_row"][1] for i in range(6)] for epoch in (0, 1)]
     assert {f for row in flips for f in row} == {0, 1}
+
+
+def test_auto_runs_the_locked_parts_when_the_cache_would_not_fit(tmp_path: Path, monkeypatch, capsys) -> None:
+    root = _data(tmp_path / "pab")
+    monkeypatch.setattr(feature_lib, "machine_memory", lambda: 1000)  # bytes
+    train(_cfg(root, tmp_path, name="big", max_steps=1))
+    out = capsys.readouterr().out
+    assert "too much for this machine's memory" in out and "cached the locked" not in out

@@ -104,9 +104,9 @@ class ResultsConfig:
     )
     main_name: str = field("demo", "Name of the main fine-tuned run (the README pipeline's runs/demo).")
     main_subset: int = field(10000, "Training pairs of the main run (0 = all).")
-    main_epochs: int = field(3, "Epochs of the main run.")
+    main_epochs: int = field(TrainConfig().epochs, "Epochs of the main run (train.py's default).")
     model: str = field("lite", "Model preset of every run and of the zero-shot model.", choices=list(model_lib.PRESETS))
-    batch_size: int = field(16, "Pairs per training step.")
+    batch_size: int = field(TrainConfig().batch_size, "Pairs per training step (train.py's default).")
     val_size: int = field(500, "Training pairs held out for each run's validation (history.json).")
     k: int = field(128, "Candidates per query re-ranked by ITM for the main run (and kept for post-processing).")
     sweep_sizes: list[int] = field(

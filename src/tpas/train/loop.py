@@ -450,13 +450,20 @@ class _Trainer:
         captions = list(
             dict.fromkeys([*pairs.frame["caption"], *(pairs.frame["hard_c"] if pairs.hard_negatives else [])])
         )
-        mode = resolve_mode(cfg.feature_cache, model, 0) if cfg.feature_cache != "auto" else None
-        if mode is None:
-            estimate = features.estimate_bytes(
+        estimate = (
+            features.estimate_bytes(
                 model, len(paths), len(captions), self.model_cfg.max_tokens, self.model_cfg.image_size
             )
-            mode = resolve_mode("auto", model, estimate)
+            if cfg.feature_cache == "auto" and any(model.cached_inputs())
+            else 0
+        )
+        mode = resolve_mode(cfg.feature_cache, model, estimate)
         if mode == "none":
+            if estimate:
+                self.say(
+                    f"--feature-cache auto: the cache would take about {estimate / 2**30:.1f} GiB, too much for this "
+                    f"machine's memory; the locked parts run every step (--feature-cache memory forces it)"
+                )
             return
         started = time.time()
         cache = features.build_feature_cache(
