@@ -85,7 +85,7 @@ class TrainConfig:
     image_tokens: str | None = field(
         None,
         "How the CNN's maps become image tokens: projected = its final map, one token per cell; pyramid = "
-        "--image-stages resized to --image-grid and concatenated per cell (colour from the early stages, "
+        "--image-stages resized to the --image-grid-rows x --image-grid-cols grid and concatenated per cell (colour from the early stages, "
         "action from the last); direct = a Swin's tokens as they are (xvlm-*, cmp). Default: the preset's.",
         choices=list(model_lib.IMAGE_TOKEN_MODES),
     )
@@ -130,7 +130,7 @@ class TrainConfig:
     pab_hard_negatives: bool = field(
         True,
         "Also use PAB's own hard_i/hard_c (a near-twin image and caption per pair) as extra ITC/ITM negatives "
-        "(demo: val R@1 34.4 against 27.2 without, docs/demo-quality.md).",
+        "(on the previous lite recipe, demo val R@1 34.4 against 27.2 without: docs/demo-quality.md).",
     )
     on_bad_sample: str = field(
         "fail",
