@@ -39,3 +39,29 @@ def write_train(root: Path, records: list[dict], name: str = "attr_0.json", raw_
         for key in ("image", "hard_i"):
             if not (root / r[key]).exists() and ".." not in r[key]:
                 _image(root / r[key])
+
+
+def write_coloured_train(root: Path, n: int = 40) -> Path:
+    """n training pairs (every other one abnormal, two per source video) whose images are four
+    distinct flat colours, so rankings are not ties everywhere."""
+    colours = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (240, 240, 40)]
+    records = [_record(i, abnormal=i % 2 == 1, video=i // 2) for i in range(n)]
+    write_train(root, records)
+    for i, r in enumerate(records):
+        _image(root / r["image"], colours[i % 4])
+    return root
+
+
+# train.py settings for a tiny run in seconds (with data_root and runs_dir added). threads=1: on a
+# shared, loaded 2-core machine two OpenMP threads per process are ~8x slower.
+TINY_TRAIN = {
+    "model": "tiny",
+    "subset": 24,
+    "val_size": 8,
+    "batch_size": 8,
+    "epochs": 2,
+    "workers": 0,
+    "progress": False,
+    "save_every": 2,
+    "threads": 1,
+}

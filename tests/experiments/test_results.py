@@ -51,6 +51,7 @@ def first_run(tmp_path_factory: pytest.TempPathFactory, tiny_demo: Path) -> tupl
         main_subset=96,
         main_epochs=1,
         model="tiny",
+        batch_size=16,
         val_size=32,
         k=10,
         sweep_sizes=[40, 0],

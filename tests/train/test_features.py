@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fakes import _image, _record, write_train
+from fakes import TINY_TRAIN, write_coloured_train
 from safetensors.torch import load_file
 
 from tpas import models as model_lib
@@ -118,27 +118,14 @@ def test_itm_pairs_limits_the_fusion_rows() -> None:
 
 
 def _data(root: Path) -> Path:
-    colours = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (240, 240, 40)]
-    records = [_record(i, abnormal=i % 2 == 1, video=i // 2) for i in range(40)]
-    write_train(root, records)
-    for i, r in enumerate(records):
-        _image(root / r["image"], colours[i % 4])
-    return root
+    return write_coloured_train(root)
 
 
 def _cfg(root: Path, runs: Path, **kw) -> TrainConfig:
     base = {
+        **TINY_TRAIN,
         "data_root": root,
-        "model": "tiny",
-        "subset": 24,
-        "val_size": 8,
-        "batch_size": 8,
-        "epochs": 2,
         "runs_dir": runs,
-        "workers": 0,
-        "progress": False,
-        "save_every": 2,
-        "threads": 1,
         "image_tokens": "pyramid",
         "image_stages": [2, 4, -1],
         "image_grid_rows": 4,

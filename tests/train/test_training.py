@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fakes import _image, _record, write_train
+from fakes import TINY_TRAIN, _image, _record, write_coloured_train, write_train
 from safetensors.torch import load_file, save_file
 from torchvision import transforms as T
 
@@ -34,31 +34,11 @@ from tpas.train.loop import training_step
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("pab")
-    colours = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (240, 240, 40)]
-    records = [_record(i, abnormal=i % 2 == 1, video=i // 2) for i in range(40)]
-    write_train(root, records)
-    for i, r in enumerate(records):  # distinct images, so ranking is not a tie everywhere
-        _image(root / r["image"], colours[i % 4])
-    return root
+    return write_coloured_train(tmp_path_factory.mktemp("pab"))
 
 
 def _cfg(root: Path, runs: Path, **kw) -> TrainConfig:
-    # threads=1: on a shared, loaded 2-core machine two OpenMP threads per process are ~8x slower
-    base = {
-        "data_root": root,
-        "model": "tiny",
-        "subset": 24,
-        "val_size": 8,
-        "batch_size": 8,
-        "epochs": 2,
-        "runs_dir": runs,
-        "workers": 0,
-        "progress": False,
-        "save_every": 2,
-        "threads": 1,
-    }
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig(**{**TINY_TRAIN, "data_root": root, "runs_dir": runs, **kw})
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
