@@ -201,3 +201,14 @@ def test_auto_runs_the_locked_parts_when_the_cache_would_not_fit(tmp_path: Path,
     train(_cfg(root, tmp_path, name="big", max_steps=1))
     out = capsys.readouterr().out
     assert "too much for this machine's memory" in out and "cached the locked" not in out
+
+
+def test_cached_text_with_images_decoded_each_step(tmp_path: Path, capsys) -> None:
+    root = _data(tmp_path / "pab")
+    train(_cfg(root, tmp_path, name="text", lock_image=False, max_steps=2))
+    train(_cfg(root, tmp_path, name="text", lock_image=False, resume=True))
+    train(_cfg(root, tmp_path, name="text-straight", lock_image=False))
+    out = capsys.readouterr().out
+    assert "cached the locked parts' outputs for 0 images" in out
+    cut, straight = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("text", "text-straight"))
+    assert all(torch.equal(cut[k], straight[k]) for k in straight)  # the seeded crops and flips replay

@@ -25,6 +25,7 @@ from tpas.data import load_rgb, resolve_image, stable_seed
 from tpas.errors import TpasError
 from tpas.models.text import TextPipeline
 from tpas.runtime import Runtime
+from tpas.train.data import PairDataset
 
 CACHE_DTYPE = torch.float16
 CACHE_MODES = ("auto", "memory", "none")
@@ -167,7 +168,8 @@ class CachedPairs(Dataset):
         self.hard_negatives = (
             hard_negatives and self.frame["hard_i"].notna().all() and self.frame["hard_c"].notna().all()
         )
-        self.root, self.transform = data_root, transform  # images decoded per step when not cached
+        # images decoded and augmented per step (PairDataset's seeded transform) when they are not cached
+        self.pixels = PairDataset(self.frame, data_root, transform, seed) if cache.images is None else None
         self.image_rows = self.frame["image"].map(cache.image_index).tolist() if cache.images is not None else None
         self.caption_rows = self.frame["caption"].map(cache.caption_index).tolist()
         if self.hard_negatives:
@@ -181,11 +183,6 @@ class CachedPairs(Dataset):
     def _flip(self, sample_seed: int) -> int:
         return int(torch.randint(2, (), generator=torch.Generator().manual_seed(sample_seed)))
 
-    def _image(self, relative: str, sample_seed: int) -> torch.Tensor:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
-            return self.transform(load_rgb(resolve_image(self.root, relative)))
-
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         sample_seed = stable_seed(self.seed, epoch, index)
@@ -193,13 +190,13 @@ class CachedPairs(Dataset):
         if self.image_rows is not None:
             item["image_row"] = (self.image_rows[index], self._flip(sample_seed))
         else:
-            item["image"] = self._image(self.frame.at[index, "image"], sample_seed)
+            item["image"] = self.pixels._image(self.frame.at[index, "image"], sample_seed)
         if self.hard_negatives:
             item["hard_caption_row"] = self.hard_caption_rows[index]
             if self.image_rows is not None:
                 item["hard_image_row"] = (self.hard_image_rows[index], self._flip(sample_seed + 1))
             else:
-                item["hard_image"] = self._image(self.frame.at[index, "hard_i"], sample_seed + 1)
+                item["hard_image"] = self.pixels._image(self.frame.at[index, "hard_i"], sample_seed + 1)
         return item
 
 
