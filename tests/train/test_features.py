@@ -18,6 +18,7 @@ from tpas.models.text import TextPipeline
 from tpas.runtime import Runtime
 from tpas.train import TrainConfig, train
 from tpas.train import features as feature_lib
+from tpas.train.data import PairDataset
 
 LOCKED = {
     "image_tokens": "pyramid",
@@ -189,7 +190,7 @@ def test_cached_flips_are_seeded_per_sample_and_match_the_model(tmp_path: Path) 
         assert torch.allclose(
             cache.images[2, 1].float(), model.image_features(pixels.flip(-1))[0], atol=1e-2, rtol=1e-3
         )
-    pairs = feature_lib.CachedPairs(frame, cache, seed=0)
+    pairs = feature_lib.CachedPairs(PairDataset(frame, root, transform, seed=0), cache)
     flips = [[pairs[(epoch, i)]["image_row"][1] for i in range(6)] for epoch in (0, 1)]
     assert flips == [[pairs[(epoch, i)]["image_row"][1] for i in range(6)] for epoch in (0, 1)]
     assert {f for row in flips for f in row} == {0, 1}

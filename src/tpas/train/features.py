@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -154,22 +153,12 @@ class CachedPairs(Dataset):
     flip, so batches are the same whatever the workers and after a resume (as PairDataset).
     Items are row numbers into the cache; `collate` gathers the tensors."""
 
-    def __init__(
-        self,
-        frame: pd.DataFrame,
-        cache: FeatureCache,
-        seed: int,
-        hard_negatives: bool = False,
-        data_root: Path | None = None,
-        transform: Any = None,
-    ):
-        self.frame = frame.reset_index(drop=True)
-        self.cache, self.seed, self.epoch = cache, seed, 0
-        self.hard_negatives = (
-            hard_negatives and self.frame["hard_i"].notna().all() and self.frame["hard_c"].notna().all()
-        )
-        # images decoded and augmented per step (PairDataset's seeded transform) when they are not cached
-        self.pixels = PairDataset(self.frame, data_root, transform, seed) if cache.images is None else None
+    def __init__(self, pairs: PairDataset, cache: FeatureCache):
+        """pairs: the run's PairDataset, whose frame, seed and hard-negative setting these are, and which
+        decodes and augments the images per step (its seeded transform) when they are not cached."""
+        self.frame, self.seed, self.hard_negatives = pairs.frame, pairs.seed, pairs.hard_negatives
+        self.cache, self.epoch = cache, 0
+        self.pixels = pairs if cache.images is None else None
         self.image_rows = self.frame["image"].map(cache.image_index).tolist() if cache.images is not None else None
         self.caption_rows = self.frame["caption"].map(cache.caption_index).tolist()
         if self.hard_negatives:

@@ -77,7 +77,6 @@ from tpas.train.data import (
     make_collate,
     make_loader,
 )
-from tpas.train.features import resolve_mode
 
 
 def batch_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -424,7 +423,7 @@ class _Trainer:
         transform = model_lib.image_transform(self.model_cfg, train=True)
         self.dataset = PairDataset(self.train_frame, cfg.data_root, transform, cfg.seed, cfg.pab_hard_negatives)
         self.collate = make_collate(self.text)
-        self._cache_features(transform)
+        self._cache_features()
         if cfg.image_cache != "none" and isinstance(self.dataset, PairDataset):
             self.dataset.cache = _image_cache(cfg, self.dataset, transform, self.run_dir, runtime)
         self.sampler = ResumableSampler(
@@ -441,7 +440,7 @@ class _Trainer:
         model.itm_pairs = cfg.itm_pairs or None  # 0: all
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
 
-    def _cache_features(self, transform: Any) -> None:
+    def _cache_features(self) -> None:
         """With a locked part and --feature-cache, serve its outputs from a FeatureCache (computed
         now, from the weights the run starts with: locked weights never change)."""
         cfg, model = self.cfg, self.model
@@ -457,7 +456,7 @@ class _Trainer:
             if cfg.feature_cache == "auto" and any(model.cached_inputs())
             else 0
         )
-        mode = resolve_mode(cfg.feature_cache, model, estimate)
+        mode = features.resolve_mode(cfg.feature_cache, model, estimate)
         if mode == "none":
             if estimate:
                 self.say(
@@ -476,9 +475,7 @@ class _Trainer:
             self.runtime,
             progress=cfg.progress and self.runtime.is_main,
         )
-        self.dataset = features.CachedPairs(
-            self.train_frame, cache, cfg.seed, cfg.pab_hard_negatives, cfg.data_root, transform
-        )
+        self.dataset = features.CachedPairs(pairs, cache)
         self.collate = features.make_cached_collate(cache)
         self.say(
             f"cached the locked parts' outputs for {len(paths) if cache.images is not None else 0} images (x2 flips) "
