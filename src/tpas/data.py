@@ -252,7 +252,7 @@ class TestSet:
     root: Path
 
 
-def _read_jsonl_strict(path: Path, fields: list[str]) -> list[tuple[int, dict]]:
+def read_jsonl_strict(path: Path, fields: list[str]) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise TpasError(f"{path}: file not found; check --data-root.")
     records = []
@@ -311,7 +311,7 @@ def load_challenge(folder: Path, query_file: str = "query.json") -> TestSet:
     queries: dict[str, str] = {}
     query_line: dict[str, int] = {}
     query_path = folder / query_file
-    for line, record in _read_jsonl_strict(query_path, ["query_index", "caption"]):
+    for line, record in read_jsonl_strict(query_path, ["query_index", "caption"]):
         caption = str(record["caption"]).strip()
         if not caption:
             raise TpasError(f"{query_path}, line {line}: empty caption; fix that line.")
@@ -351,7 +351,7 @@ def load_challenge(folder: Path, query_file: str = "query.json") -> TestSet:
     gt: dict[str, str] = {}
     gt_file = folder / "query_gt.json"
     if gt_file.is_file():
-        gt = {str(r["query_index"]): str(r["image"]) for _, r in _read_jsonl_strict(gt_file, ["query_index", "image"])}
+        gt = {str(r["query_index"]): str(r["image"]) for _, r in read_jsonl_strict(gt_file, ["query_index", "image"])}
     paths = gallery_images(folder / "gallery")
     query_frame = pd.DataFrame(
         {"query_index": order, "caption": [queries[q] for q in order], "gt_image": [gt.get(q) for q in order]}
@@ -365,7 +365,7 @@ def load_pab_test(data_root: Path) -> TestSet:
     path = folder / "pair.json" if (folder / "pair.json").is_file() else folder / "attr.json"
     query_rows, gallery_rows = [], []
     seen: set[str] = set()
-    for line, record in _read_jsonl_strict(path, ["image", "image_id", "caption"]):
+    for line, record in read_jsonl_strict(path, ["image", "image_id", "caption"]):
         image_id = str(record["image_id"])
         if image_id in seen:
             raise TpasError(f"{path}, line {line}: duplicate image_id {image_id!r}.")

@@ -52,12 +52,22 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX tiles): there bf16 autocast
+    runs a lite training step about 1.9x faster (docs/demo-quality.md); elsewhere it is emulated, slower."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so guarded
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
 def resolve_runtime(device: str = "auto", precision: str = "auto", inference: bool = False) -> Runtime:
     """Pick the device and autocast dtype; join the process group's rank when one is running.
 
     device auto = the GPU when torch sees one (under torchrun, GPU LOCAL_RANK). precision auto =
-    for training, bf16 on a GPU that supports it, else fp32; for inference, fp16 on a GPU, fp32 on
-    a CPU. fp16 needs a GPU (training scales its loss, CUDA-only here); bf16 runs on a CPU too."""
+    for training, bf16 on a GPU that supports it or a CPU with bf16 units (AMX), else fp32; for
+    inference, fp16 on a GPU, fp32 on a CPU. fp16 needs a GPU (training scales its loss, CUDA-only here); bf16 runs on a CPU too."""
     if device not in ("auto", "cpu", "cuda"):
         raise TpasError(f"--device {device!r}: choose auto, cpu or cuda.")
     if precision != "auto" and precision not in AMP_DTYPES:
@@ -71,7 +81,8 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", inference: bo
         if inference:
             amp = torch.float16 if use_cuda else None
         else:
-            amp = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else None
+            fast = torch.cuda.is_bf16_supported() if use_cuda else cpu_has_bf16_units()
+            amp = torch.bfloat16 if fast else None
     elif precision == "fp16" and not use_cuda:
         raise TpasError("--precision fp16 needs a GPU; on a CPU use --precision bf16 or fp32.")
     else:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from tpas import models as model_lib
 from tpas.data import load_rgb, load_train_annotations, resolve_image
 from tpas.errors import TpasError
+from tpas.models import xvlm
 from tpas.models.text import TextPipeline
 from tpas.runtime import Runtime
 from tpas.train import TrainConfig, train
@@ -88,8 +89,9 @@ def test_locked_parts_get_no_gradient_and_keep_their_batchnorm_statistics() -> N
     assert not torch.equal(after["image_proj.weight"], before["image_proj.weight"])
 
 
-def test_a_step_on_cached_features_equals_a_step_on_pixels() -> None:
-    model = _model()
+@pytest.mark.parametrize("overrides", [{}, {"pixel_stem": 2}], ids=["pyramid", "pixel-stem"])
+def test_a_step_on_cached_features_equals_a_step_on_pixels(overrides: dict) -> None:
+    model = _model(**overrides)
     images, tokens = _images(4), _tokens(model, CAPTIONS)
     ids, mask = tokens["input_ids"], tokens["attention_mask"]
     with torch.no_grad():
@@ -99,6 +101,33 @@ def test_a_step_on_cached_features_equals_a_step_on_pixels() -> None:
     torch.manual_seed(3)  # the same dropout masks and ITM negative draws
     from_cache = model(None, ids, mask, image_features=features, text_states=states)["loss"]
     assert from_cache.item() == pytest.approx(from_pixels.item(), abs=1e-6)
+
+
+def test_pixel_stem_trains_on_the_raw_pixels_beside_the_locked_tower() -> None:
+    model = _model(pixel_stem=2).train()
+    images, tokens = _images(4), _tokens(model, CAPTIONS)
+    features = model.image_features(images)
+    cell_pixels = 3 * (64 // 4) * (32 // 2)
+    # the raw pixels ride beside each cell's features, so a cache of features holds them too
+    assert torch.equal(xvlm._from_cells(features[..., -cell_pixels:], model.cfg), images)
+    model(images, tokens["input_ids"], tokens["attention_mask"])["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.pixel_stem.parameters())
+    assert all(p.grad is None for p in model.image_encoder.parameters())
+    assert "pixel_stem.0.weight" in model.new_parameter_names()
+    # what the stem reads changes the image feature even where the frozen tower's part is the same
+    model.eval()
+    pixels = features.clone()
+    pixels[..., -cell_pixels:] += 0.5 * torch.randn_like(pixels[..., -cell_pixels:])
+    assert not torch.allclose(model.encode_image_features(features)[1], model.encode_image_features(pixels)[1])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"pixel_stem": 2, "image_tokens": "projected"}, {"pixel_stem": 2, "image_grid": (3, 2)}, {"pixel_stem": -1}],
+)
+def test_pixel_stem_refuses_what_it_cannot_read(overrides: dict) -> None:
+    with pytest.raises(TpasError, match="pixel_stem"):
+        model_lib.ModelConfig.from_preset("tiny", **{**LOCKED, **overrides})
 
 
 def test_itm_pairs_limits_the_fusion_rows() -> None:
@@ -141,11 +170,12 @@ def _cfg(root: Path, runs: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def test_training_on_the_cache_resumes_exactly_and_saves_its_settings(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("pixel_stem", [0, 2])
+def test_training_on_the_cache_resumes_exactly_and_saves_its_settings(tmp_path: Path, capsys, pixel_stem: int) -> None:
     root = _data(tmp_path / "pab")
-    train(_cfg(root, tmp_path, name="straight"))
+    train(_cfg(root, tmp_path, name="straight", pixel_stem=pixel_stem))
     assert "cached the locked parts' outputs" in capsys.readouterr().out
-    train(_cfg(root, tmp_path, name="cut", max_steps=3))
+    train(_cfg(root, tmp_path, name="cut", max_steps=3, pixel_stem=pixel_stem))
     train(_cfg(root, tmp_path, name="cut", resume=True))
     straight, resumed = (
         load_file(str(tmp_path / "straight/model.safetensors")),
@@ -155,6 +185,7 @@ def test_training_on_the_cache_resumes_exactly_and_saves_its_settings(tmp_path: 
     saved = json.loads((tmp_path / "straight/config.json").read_text())
     assert saved["model"]["image_stages"] == [2, 4, -1] and saved["model"]["lock_text_layers"] == 1
     assert saved["train"]["itm_pairs"] == 4 and saved["train"]["feature_cache"] == "auto"
+    assert saved["model"]["pixel_stem"] == pixel_stem
     # the run loads and ranks like any other (infer.py's path: pixels through the whole model)
     model = model_lib.load_run_model(tmp_path / "straight")[0]
     assert model.cfg.lock_image and model.encode_image(_images(2))[1].shape == (2, model.cfg.embed_dim)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torchvision import transforms as T
 
 from tpas import models as model_lib
+from tpas import runtime as runtime_lib
 from tpas.cli import with_given
 from tpas.errors import TpasError
 from tpas.models.run import load_run_model, save_weights
@@ -323,8 +324,14 @@ def test_grad_accum_averages_the_micro_batch_gradients() -> None:
     assert any(not torch.allclose(after[k], untouched[k]) for k in after)
 
 
-def test_device_and_precision_choices() -> None:
+def test_device_and_precision_choices(monkeypatch) -> None:
+    # auto trains in bf16 on a CPU with bf16 matrix units (AMX) and in fp32 on one without
+    assert isinstance(runtime_lib.cpu_has_bf16_units(), bool)  # the real probe answers on any CPU
+    monkeypatch.setattr(runtime_lib, "cpu_has_bf16_units", lambda: False)
     assert resolve_runtime("cpu", "auto").precision == "fp32"
+    monkeypatch.setattr(runtime_lib, "cpu_has_bf16_units", lambda: True)
+    assert resolve_runtime("cpu", "auto").precision == "bf16"
+    assert resolve_runtime("cpu", "auto", inference=True).precision == "fp32"  # rankings stay fp32
     assert resolve_runtime("cpu", "bf16").amp_dtype == torch.bfloat16
     with pytest.raises(TpasError, match="fp16 needs a GPU"):
         resolve_runtime("cpu", "fp16")
@@ -423,7 +430,8 @@ def test_runtime_flags_reach_the_loop(data_root: Path, tmp_path: Path, monkeypat
     )
     assert len(compiled) == 1 and checkpointing == [True]
     # 24 pairs, 4 per micro-batch, 2 micro-batches per optimizer step: 3 steps
-    assert summary["steps"] == 3 and summary["pairs_per_step"] == 8 and summary["precision"] == "fp32"
+    assert summary["steps"] == 3 and summary["pairs_per_step"] == 8
+    assert summary["precision"] == ("bf16" if runtime_lib.cpu_has_bf16_units() else "fp32")  # auto, per CPU
     history = json.loads((tmp_path / "flags" / "history.json").read_text())
     assert math.isfinite(history[0]["loss"])
     saved = json.loads((tmp_path / "flags" / "config.json").read_text())["train"]

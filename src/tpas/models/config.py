@@ -216,6 +216,9 @@ class ModelConfig:
     image_stages: tuple[int, ...] = ()  # pyramid: blocks whose outputs are read; -1 = the final (head) map
     image_grid: tuple[int, int] = (8, 4)  # pyramid: (rows, cols) of image tokens
     image_layers: int = 0  # new self-attention layers over the image tokens, before the ITC feature
+    # pyramid: a small CNN of this base width, trained from scratch on the raw pixels, whose stride-16
+    # map joins each cell's features (0 = none); it reads the few-pixel details a frozen tower misses
+    pixel_stem: int = 0
     lock_image: bool = False  # freeze the image backbone (LiT): BatchNorm in eval mode, no gradients
     lock_text_layers: int = 0  # freeze the text embeddings and this many bottom text layers
     text_layers: int | None = None  # keep only the first N text layers; fusion starts from layer N
@@ -255,6 +258,14 @@ class ModelConfig:
             raise TpasError("image_tokens pyramid needs image_stages (e.g. [2, 4, -1]).")
         if len(self.image_grid) != 2 or min(self.image_grid) < 1:
             raise TpasError(f"image_grid must be (rows, cols), each >= 1; got {self.image_grid}.")
+        if self.pixel_stem < 0 or (self.pixel_stem and self.image_tokens != "pyramid"):
+            raise TpasError(f"pixel_stem needs image_tokens pyramid and must be >= 0; got {self.pixel_stem}.")
+        if self.pixel_stem and any(n % g for n, g in zip(self.image_size, self.image_grid)):
+            # the pixels travel (and are cached) cell by cell, beside each cell's features
+            raise TpasError(
+                f"pixel_stem needs image_size {self.image_size} to be a whole number of image_grid {self.image_grid} "
+                "cells; change the grid or the size."
+            )
         if self.image_layers < 0 or self.lock_text_layers < 0:
             raise TpasError(
                 f"image_layers and lock_text_layers must be >= 0; got {self.image_layers} and {self.lock_text_layers}."

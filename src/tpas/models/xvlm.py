@@ -221,7 +221,14 @@ class PyramidTokens(ImageTokens):
     The late map says what the person does; the early stages keep where each colour is (a frozen
     Lite0's final map alone reads garment colours poorly: docs/demo-quality.md). The self-attention
     layers make the ITC feature a function of which colour is where, which a mean of projected
-    tokens cannot be. The CLS is a learned token that these layers fill."""
+    tokens cannot be. The CLS is a learned token that these layers fill.
+
+    With cfg.pixel_stem, each cell's raw pixels also travel beside its features (so a cache holds
+    them too) and a small CNN trained from scratch reads them in `tokens`: the frozen ImageNet
+    tower, on a 128x64 crop, misses few-pixel details (a collar, a jacket's zip, a t-shirt's bare
+    forearms: docs/demo-quality.md) that decide the caption's garment words. Measured: no gain
+    for the default 10k-pair budget (the stem does not learn the garment types from ITC/ITM alone),
+    so it is off by default."""
 
     def features(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """[B, rows * cols, sum of the stages' channels]: the stages' maps on the grid, cell by cell."""
@@ -234,7 +241,10 @@ class PyramidTokens(ImageTokens):
         if -1 in stages:
             outputs[-1] = encoder.bn2(encoder.conv_head(x))
         parts = [_to_grid(outputs[stage], model.cfg.image_grid) for stage in stages]
-        return torch.cat(parts, dim=1).flatten(2).transpose(1, 2)
+        cells = torch.cat(parts, dim=1).flatten(2).transpose(1, 2)
+        if model.cfg.pixel_stem:
+            cells = torch.cat([cells, _pixel_cells(images, model.cfg.image_grid).to(cells.dtype)], dim=2)
+        return cells
 
     def check(self, encoder: nn.Module, cfg: ModelConfig) -> None:
         blocks = getattr(encoder, "blocks", None)
@@ -257,6 +267,9 @@ class PyramidTokens(ImageTokens):
 
     def build(self, model: nn.Module, channels: int, grid: tuple[int, int], tcfg: BertConfig) -> int:
         hidden = tcfg.hidden_size
+        if model.cfg.pixel_stem:
+            model.pixel_stem = _pixel_stem(model.cfg.pixel_stem)
+            channels += PIXEL_STEM_WIDTHS[-1] * model.cfg.pixel_stem - _cell_pixels(model.cfg)
         model.image_proj = nn.Linear(channels, hidden)
         model.image_cls = nn.Parameter(torch.zeros(1, 1, hidden))
         model.image_pos_embed = nn.Parameter(torch.zeros(1, 1 + grid[0] * grid[1], hidden))
@@ -277,6 +290,11 @@ class PyramidTokens(ImageTokens):
         return hidden
 
     def tokens(self, model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+        if model.cfg.pixel_stem:
+            split = features.shape[2] - _cell_pixels(model.cfg)
+            images = _from_cells(features[..., split:].to(model.image_proj.weight.dtype), model.cfg)
+            read = _to_grid(model.pixel_stem(images), model.cfg.image_grid).flatten(2).transpose(1, 2)
+            features = torch.cat([features[..., :split], read.to(features.dtype)], dim=2)
         x = model.image_proj(features)
         x = torch.cat([model.image_cls.expand(len(x), -1, -1).to(x.dtype), x], dim=1) + model.image_pos_embed
         for layer in model.image_layers:
@@ -284,9 +302,44 @@ class PyramidTokens(ImageTokens):
         return model.image_norm(x)
 
     def is_new_parameter(self, name: str) -> bool:
-        return name.startswith((*NEW_PARAM_PREFIXES, "image_cls", "image_layers.")) or (
+        return name.startswith((*NEW_PARAM_PREFIXES, "image_cls", "image_layers.", "pixel_stem.")) or (
             name.startswith("fusion.") and NEW_PARAM_INFIX in name
         )
+
+
+# The pixel stem: (stride, output width as a multiple of the base width) per 3x3 conv-BN-GELU block;
+# full resolution first (a zip or collar is 1-2 pixels wide), total stride 16 (8x4 cells at 128x64)
+PIXEL_STEM_BLOCKS = ((1, 1), (2, 1), (1, 2), (2, 2), (1, 4), (2, 4), (2, 8))
+PIXEL_STEM_WIDTHS = tuple(w for _, w in PIXEL_STEM_BLOCKS)
+
+
+def _pixel_stem(width: int) -> nn.Sequential:
+    blocks, channels = [], 3
+    for stride, mult in PIXEL_STEM_BLOCKS:
+        out = width * mult
+        blocks += [nn.Conv2d(channels, out, 3, stride, 1, bias=False), nn.BatchNorm2d(out), nn.GELU()]
+        channels = out
+    return nn.Sequential(*blocks)
+
+
+def _cell_pixels(cfg: ModelConfig) -> int:
+    (height, width), (rows, cols) = cfg.image_size, cfg.image_grid
+    return 3 * (height // rows) * (width // cols)
+
+
+def _pixel_cells(images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[B, 3, H, W] -> [B, rows * cols, 3 * cell height * cell width], row-major cells."""
+    b, c, h, w = images.shape
+    rows, cols = grid
+    x = images.reshape(b, c, rows, h // rows, cols, w // cols).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, rows * cols, -1)
+
+
+def _from_cells(cells: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """_pixel_cells' inverse."""
+    (h, w), (rows, cols) = cfg.image_size, cfg.image_grid
+    x = cells.reshape(len(cells), rows, cols, 3, h // rows, w // cols).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(len(cells), 3, h, w)
 
 
 def _to_grid(fmap: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
