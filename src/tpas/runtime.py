@@ -54,7 +54,7 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 def cpu_has_bf16_units() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX tiles): there bf16 autocast
-    runs a lite training step about 1.9x faster (docs/demo-quality.md); elsewhere it is emulated, slower."""
+    runs the lite training loop about 1.4x faster (docs/demo-quality.md); elsewhere it is emulated, slower."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so guarded
     try:
         return bool(probe()) if probe is not None else False

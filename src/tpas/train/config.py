@@ -154,7 +154,7 @@ class TrainConfig:
     precision: str = field(
         "auto",
         "Arithmetic: auto = bf16 autocast on a GPU that supports it or a CPU with bf16 matrix units (Intel AMX; "
-        "about 1.9x faster steps for lite), else fp32; fp16 = autocast with loss scaling (GPU only).",
+        "the lite training loop about 1.4x faster), else fp32; fp16 = autocast with loss scaling (GPU only).",
         choices=["auto", "fp32", "bf16", "fp16"],
     )
     grad_accum: int = field(
