@@ -13,11 +13,11 @@ def _image(path: Path, colour: tuple[int, int, int] = (200, 30, 30)) -> None:
     Image.new("RGB", (16, 32), colour).save(path)
 
 
-def _record(i: int, abnormal: bool, video: int | None = None) -> dict:
+def _record(i: int, abnormal: bool, video: int | None = None, caption: str = "person {i} walking") -> dict:
     video = i if video is None else video
     rec = {
         "image": f"train/imgs_0/{'wentrong' if abnormal else 'goal'}/{i}.jpg",
-        "caption": f"person {i} walking",
+        "caption": caption.format(i=i),
         "image_id": f"0_{i}",
         "hard_i": f"train/imgs_0/goal/{(i + 1) % 40}.jpg",
         "hard_c": "other",
@@ -41,11 +41,11 @@ def write_train(root: Path, records: list[dict], name: str = "attr_0.json", raw_
                 _image(root / r[key])
 
 
-def write_coloured_train(root: Path, n: int = 40) -> Path:
+def write_coloured_train(root: Path, n: int = 40, caption: str = "person {i} walking") -> Path:
     """n training pairs (every other one abnormal, two per source video) whose images are four
-    distinct flat colours, so rankings are not ties everywhere."""
+    distinct flat colours, so rankings are not ties everywhere; `caption` is formatted with i."""
     colours = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (240, 240, 40)]
-    records = [_record(i, abnormal=i % 2 == 1, video=i // 2) for i in range(n)]
+    records = [_record(i, abnormal=i % 2 == 1, video=i // 2, caption=caption) for i in range(n)]
     write_train(root, records)
     for i, r in enumerate(records):
         _image(root / r["image"], colours[i % 4])

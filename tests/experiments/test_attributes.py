@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from tpas.demo import vocabulary as vocab
 from tpas.demo.captions import make_caption
+from tpas.demo.drawing import render_image
 from tpas.demo.sampling import sample_appearance
+from tpas.demo.vocabulary import ImageSpec
 from tpas.errors import TpasError
 from tpas.experiments import attributes as attr_lib
 
@@ -64,7 +67,7 @@ def _cfg(root: Path, **kw) -> attr_lib.AttributesConfig:
 
 
 def test_ceiling_falls_as_attributes_become_unreadable(tiny_demo: Path) -> None:
-    queries, gallery = attr_lib._load(_cfg(tiny_demo))
+    queries, gallery, _ = attr_lib._load(_cfg(tiny_demo))
     full = attr_lib.ceiling(queries, gallery, set())
     blind = attr_lib.ceiling(queries, gallery, {"top_type", "gender", "top_colour"})
     assert full["queries"] == len(queries) == 24
@@ -77,7 +80,7 @@ def test_ceiling_falls_as_attributes_become_unreadable(tiny_demo: Path) -> None:
 
 
 def test_errors_count_what_each_wrong_top1_contradicts(tiny_demo: Path, tmp_path: Path, capsys) -> None:
-    queries, gallery = attr_lib._load(_cfg(tiny_demo))
+    queries, gallery, _ = attr_lib._load(_cfg(tiny_demo))
     right = pd.DataFrame({"query_index": queries["query_index"], "rank": 1, "image": queries["image"]})
     assert attr_lib.errors(queries, gallery, right)["wrong_top1"] == 0
     # every query's top-1 is the next query's image: count the contradictions by hand
@@ -100,7 +103,56 @@ def test_errors_count_what_each_wrong_top1_contradicts(tiny_demo: Path, tmp_path
 def test_bad_input_is_one_sentence(tiny_demo: Path, tmp_path: Path) -> None:
     with pytest.raises(TpasError, match="--unreadable colour: choose from"):
         attr_lib.attributes_report(_cfg(tiny_demo, unreadable="colour"))
-    with pytest.raises(TpasError, match="need a demo set"):
+    with pytest.raises(TpasError, match="needs a demo set built by"):
         attr_lib.attributes_report(_cfg(tmp_path))
     with pytest.raises(TpasError, match="--stage takes an infer.py output"):
         attr_lib.attributes_report(_cfg(tiny_demo, stage=tmp_path))
+
+
+@pytest.mark.parametrize("action", vocab.ACTIONS)
+def test_drawn_says_what_the_renderer_draws_alike(action: str) -> None:
+    """Where `drawn` calls two values one, the renderer gives the same pixels; elsewhere it does not."""
+    base = sample_appearance(np.random.default_rng(1))
+    partner = sample_appearance(np.random.default_rng(2)) if action in vocab.TWO_PERSON_ACTIONS else None
+    changes = [
+        ("gender", {"gender": "woman" if base.gender == "man" else "man"}),
+        ("bottom_type", {"bottom_type": "jeans"}, {"bottom_type": "trousers"}),
+        ("top_type", {"top_type": "jacket"}, {"top_type": "shirt"}),
+        ("top_type", {"top_type": "coat"}, {"top_type": "hoodie"}),
+        ("bottom_type", {"bottom_type": "shorts"}, {"bottom_type": "skirt"}),
+    ]
+    for slot, *variants in changes:
+        apps = [replace(base, **v) for v in variants] if len(variants) == 2 else [base, replace(base, **variants[0])]
+        shown = [{**asdict(a), "action": action} for a in apps]
+        spec = [ImageSpec(0, 7, "p", a, action, "park", partner) for a in apps]
+        same = np.array_equal(*(np.asarray(render_image(s, seed=0)) for s in spec))
+        assert same == (attr_lib.drawn(shown[0], slot) == attr_lib.drawn(shown[1], slot)), (slot, variants)
+
+
+def test_the_ceiling_as_drawn_splits_twins_the_pixels_cannot_tell_apart() -> None:
+    def image(**kw) -> dict:
+        return {
+            "action": "walking", "gender": "man", "top_colour": "red", "top_type": "jacket", "bottom_colour": "blue",
+            "bottom_type": "jeans", "hair_colour": "black", "hair_length": "short", "build": "average",
+            "hat": "none", "hat_colour": None, "bag": "none", "bag_colour": None, "scene": "park", **kw,
+        }  # fmt: skip
+
+    gallery = {
+        "a.jpg": image(),
+        "b.jpg": image(top_type="shirt"),  # a side view: drawn as a's twin
+        "c.jpg": image(action="standing"),
+        "d.jpg": image(action="standing", top_type="shirt"),  # a front view: the collar shows
+        "e.jpg": image(gender="woman", hair_length="long"),  # drawn as a's twin but for the hair
+    }
+    captions = ["A man in a red jacket and blue jeans is walking.", "A man in a red jacket and blue jeans is standing."]
+    queries = pd.DataFrame({"query_index": [0, 1], "caption": captions, "image": ["a.jpg", "c.jpg"]})
+    assert attr_lib.ceiling(queries, gallery, set())["expected_R@1"] == 100
+    # query 0: a, b and e (gender and the side view's type undrawn; the hair is not stated); query 1: c alone
+    assert attr_lib.ceiling(queries, gallery, set(), as_drawn=True)["expected_R@1"] == pytest.approx(
+        100 * (1 / 3 + 1) / 2
+    )
+    # with priors short hair says "man": e drops behind a and b, which stay a coin toss
+    priors = attr_lib.drawn_priors([image(), image(top_type="shirt"), image(gender="woman", hair_length="long")])
+    assert attr_lib.ceiling_with_priors(queries, gallery, priors)["expected_R@1"] == pytest.approx(
+        100 * (1 / 2 + 1) / 2
+    )

@@ -44,5 +44,5 @@ def test_the_probe_reads_the_pyramid_as_configured(tiny_demo: Path) -> None:
 
 
 def test_a_folder_without_attributes_is_one_sentence(tmp_path: Path) -> None:
-    with pytest.raises(TpasError, match="needs a demo set"):
+    with pytest.raises(TpasError, match="needs a demo set built by"):
         probe_lib.probe(probe_lib.ProbeConfig(data_root=tmp_path, **TINY))

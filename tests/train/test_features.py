@@ -89,7 +89,11 @@ def test_locked_parts_get_no_gradient_and_keep_their_batchnorm_statistics() -> N
     assert not torch.equal(after["image_proj.weight"], before["image_proj.weight"])
 
 
-@pytest.mark.parametrize("overrides", [{}, {"pixel_stem": 2}], ids=["pyramid", "pixel-stem"])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"pixel_stem": 2}, {"tune_from": 2}, {"tune_from": 3, "pixel_stem": 2}],
+    ids=["pyramid", "pixel-stem", "tune-from", "tune-from-and-pixel-stem"],
+)
 def test_a_step_on_cached_features_equals_a_step_on_pixels(overrides: dict) -> None:
     model = _model(**overrides)
     images, tokens = _images(4), _tokens(model, CAPTIONS)
@@ -109,7 +113,7 @@ def test_pixel_stem_trains_on_the_raw_pixels_beside_the_locked_tower() -> None:
     features = model.image_features(images)
     cell_pixels = 3 * (64 // 4) * (32 // 2)
     # the raw pixels ride beside each cell's features, so a cache of features holds them too
-    assert torch.equal(xvlm._from_cells(features[..., -cell_pixels:], model.cfg), images)
+    assert torch.equal(xvlm._from_cells(features[..., -cell_pixels:], (4, 2), (3, 64, 32)), images)
     model(images, tokens["input_ids"], tokens["attention_mask"])["loss"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.pixel_stem.parameters())
     assert all(p.grad is None for p in model.image_encoder.parameters())
@@ -119,6 +123,54 @@ def test_pixel_stem_trains_on_the_raw_pixels_beside_the_locked_tower() -> None:
     pixels = features.clone()
     pixels[..., -cell_pixels:] += 0.5 * torch.randn_like(pixels[..., -cell_pixels:])
     assert not torch.allclose(model.encode_image_features(features)[1], model.encode_image_features(pixels)[1])
+
+
+def test_tune_from_trains_a_copy_of_the_towers_blocks_on_the_cached_prefix() -> None:
+    model = _model(tune_from=2).train()
+    encoder = model.image_encoder
+    images, tokens = _images(4), _tokens(model, CAPTIONS)
+    features = model.image_features(images)
+    with torch.no_grad():
+        prefix = encoder.blocks[1](encoder.blocks[0](encoder.bn1(encoder.conv_stem(images))))
+    assert model.tuned_input_shape == tuple(prefix.shape[1:])
+    # block 1's output rides beside the frozen stage (-1) cell by cell, so a cache of features holds it
+    width = prefix[0].numel() // 8
+    assert torch.allclose(xvlm._from_cells(features[..., -width:], (4, 2), model.tuned_input_shape), prefix)
+    # the copy starts as the tower's own blocks 2..4 (the deepest stage read below -1), named as there
+    copied = model.tuned_blocks.state_dict()
+    assert len(model.tuned_blocks) == 3
+    assert all(torch.equal(v, encoder.blocks[2:5].state_dict()[k]) for k, v in copied.items())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model(images, tokens["input_ids"], tokens["attention_mask"])["loss"].backward()
+    assert all(p.grad is not None for p in model.tuned_blocks.parameters())
+    assert all(p.grad is None for p in encoder.parameters())
+    assert not any(name.startswith("tuned_blocks.") for name in model.new_parameter_names())  # pretrained: base lr
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    optimizer.step()
+    after = model.state_dict()
+    stats = [k for k in after if k.startswith("tuned_blocks.") and "running_" in k]
+    assert stats and all(torch.equal(after[k], before[k]) for k in stats)  # BatchNorm statistics frozen
+    assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("image_encoder."))
+    assert not torch.equal(after["tuned_blocks.2.0.conv_pw.weight"], before["tuned_blocks.2.0.conv_pw.weight"])
+    # what the tuned blocks read changes the image feature even where the frozen stage is the same
+    model.eval()
+    moved = features.clone()
+    moved[..., -width:] += 0.5 * torch.randn_like(moved[..., -width:])
+    assert not torch.allclose(model.encode_image_features(features)[1], model.encode_image_features(moved)[1])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"tune_from": 2, "image_tokens": "projected"}, "tune_from needs image_tokens pyramid"),
+        ({"tune_from": -1}, "tune_from needs image_tokens pyramid and must be >= 0"),
+        ({"tune_from": 5}, "tune_from=5 trains no stage"),
+        ({"tune_from": 5, "image_stages": (2, 5), "image_grid": (3, 2)}, "is not a whole number of image_grid"),
+    ],
+)
+def test_tune_from_refuses_what_it_cannot_train(overrides: dict, message: str) -> None:
+    with pytest.raises(TpasError, match=message):
+        _model(**overrides)
 
 
 @pytest.mark.parametrize(
@@ -170,12 +222,18 @@ def _cfg(root: Path, runs: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("pixel_stem", [0, 2])
-def test_training_on_the_cache_resumes_exactly_and_saves_its_settings(tmp_path: Path, capsys, pixel_stem: int) -> None:
-    root = _data(tmp_path / "pab")
-    train(_cfg(root, tmp_path, name="straight", pixel_stem=pixel_stem))
-    assert "cached the locked parts' outputs" in capsys.readouterr().out
-    train(_cfg(root, tmp_path, name="cut", max_steps=3, pixel_stem=pixel_stem))
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"pixel_stem": 2}, {"tune_from": 2}, {"swap_negatives": 1.0}],
+    ids=["pyramid", "pixel-stem", "tune-from", "swap-negatives"],
+)
+def test_training_on_the_cache_resumes_exactly_and_saves_its_settings(tmp_path: Path, capsys, overrides: dict) -> None:
+    root = write_coloured_train(tmp_path / "pab", caption="a man {i} in a red jacket and blue jeans is walking")
+    train(_cfg(root, tmp_path, name="straight", **overrides))
+    out = capsys.readouterr().out
+    assert "cached the locked parts' outputs" in out
+    assert ("hard captions are now their caption" in out) == bool(overrides.get("swap_negatives"))
+    train(_cfg(root, tmp_path, name="cut", max_steps=3, **overrides))
     train(_cfg(root, tmp_path, name="cut", resume=True))
     straight, resumed = (
         load_file(str(tmp_path / "straight/model.safetensors")),
@@ -185,7 +243,9 @@ def test_training_on_the_cache_resumes_exactly_and_saves_its_settings(tmp_path: 
     saved = json.loads((tmp_path / "straight/config.json").read_text())
     assert saved["model"]["image_stages"] == [2, 4, -1] and saved["model"]["lock_text_layers"] == 1
     assert saved["train"]["itm_pairs"] == 4 and saved["train"]["feature_cache"] == "auto"
-    assert saved["model"]["pixel_stem"] == pixel_stem
+    assert saved["model"]["pixel_stem"] == overrides.get("pixel_stem", 0)
+    assert saved["model"]["tune_from"] == overrides.get("tune_from", 0)
+    assert saved["train"]["swap_negatives"] == overrides.get("swap_negatives", 0.0)
     # the run loads and ranks like any other (infer.py's path: pixels through the whole model)
     model = model_lib.load_run_model(tmp_path / "straight")[0]
     assert model.cfg.lock_image and model.encode_image(_images(2))[1].shape == (2, model.cfg.embed_dim)

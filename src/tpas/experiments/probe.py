@@ -27,8 +27,9 @@ from torch import nn
 
 from tpas import models as model_lib
 from tpas.cli import config_command, field
-from tpas.data import load_rgb, read_jsonl_strict
+from tpas.data import load_rgb
 from tpas.errors import TpasError
+from tpas.experiments.attributes import DEMO_ATTRIBUTES, read_demo_attributes
 from tpas.io import write_json
 
 ATTRIBUTES = (
@@ -88,7 +89,7 @@ def _model_config(cfg: ProbeConfig) -> model_lib.ModelConfig:
         overrides["image_stages"] = tuple(cfg.image_stages)
     if cfg.image_grid_rows or cfg.image_grid_cols:
         overrides["image_grid"] = (cfg.image_grid_rows or base.image_grid[0], cfg.image_grid_cols or base.image_grid[1])
-    return model_lib.ModelConfig.from_preset(cfg.model, **overrides, pixel_stem=0)
+    return model_lib.ModelConfig.from_preset(cfg.model, **overrides, pixel_stem=0, tune_from=0)
 
 
 def _encode(model: Any, transform: Any, paths: list[Path], batch: int = 100) -> torch.Tensor:
@@ -107,10 +108,8 @@ def _encode(model: Any, transform: Any, paths: list[Path], batch: int = 100) -> 
 def probe(cfg: ProbeConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    records_path = cfg.data_root / "annotation/demo_attributes.json"
-    if not records_path.is_file():
-        raise TpasError(f"{records_path} not found: the probe needs a demo set built by `python -m tpas.demo`.")
-    records = [r for _, r in read_jsonl_strict(records_path, ["image", "split", *ATTRIBUTES])]
+    records_path = cfg.data_root / DEMO_ATTRIBUTES
+    records = read_demo_attributes(cfg.data_root, ("image", "split", *ATTRIBUTES))
     train_rows = [r for r in records if r["split"] == "train"][: cfg.train_images]
     test_rows = [r for r in records if r["split"] == "test"]
     if not train_rows or not test_rows:

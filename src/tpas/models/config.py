@@ -219,6 +219,9 @@ class ModelConfig:
     # pyramid: a small CNN of this base width, trained from scratch on the raw pixels, whose stride-16
     # map joins each cell's features (0 = none); it reads the few-pixel details a frozen tower misses
     pixel_stem: int = 0
+    # pyramid: the stages read from blocks >= this index come from a trained copy of those blocks, run
+    # on block (tune_from - 1)'s output, which a cache keeps beside the frozen features (0 = none)
+    tune_from: int = 0
     lock_image: bool = False  # freeze the image backbone (LiT): BatchNorm in eval mode, no gradients
     lock_text_layers: int = 0  # freeze the text embeddings and this many bottom text layers
     text_layers: int | None = None  # keep only the first N text layers; fusion starts from layer N
@@ -252,20 +255,7 @@ class ModelConfig:
             raise TpasError(f"image_size must be (height, width), each >= 32; got {self.image_size}.")
         if self.fusion_layers < 1:
             raise TpasError(f"fusion_layers must be >= 1; got {self.fusion_layers}.")
-        if self.image_tokens not in IMAGE_TOKEN_MODES:
-            raise TpasError(f"image_tokens must be one of {IMAGE_TOKEN_MODES}; got {self.image_tokens!r}.")
-        if self.image_tokens == "pyramid" and not self.image_stages:
-            raise TpasError("image_tokens pyramid needs image_stages (e.g. [2, 4, -1]).")
-        if len(self.image_grid) != 2 or min(self.image_grid) < 1:
-            raise TpasError(f"image_grid must be (rows, cols), each >= 1; got {self.image_grid}.")
-        if self.pixel_stem < 0 or (self.pixel_stem and self.image_tokens != "pyramid"):
-            raise TpasError(f"pixel_stem needs image_tokens pyramid and must be >= 0; got {self.pixel_stem}.")
-        if self.pixel_stem and any(n % g for n, g in zip(self.image_size, self.image_grid)):
-            # the pixels travel (and are cached) cell by cell, beside each cell's features
-            raise TpasError(
-                f"pixel_stem needs image_size {self.image_size} to be a whole number of image_grid {self.image_grid} "
-                "cells; change the grid or the size."
-            )
+        self._check_image_tokens()
         if self.image_layers < 0 or self.lock_text_layers < 0:
             raise TpasError(
                 f"image_layers and lock_text_layers must be >= 0; got {self.image_layers} and {self.lock_text_layers}."
@@ -280,6 +270,25 @@ class ModelConfig:
             raise TpasError(f"caption_clean must be one of {CAPTION_CLEANERS}; got {self.caption_clean!r}.")
         if self.max_words < 1 or self.max_tokens < 2:
             raise TpasError(f"max_words must be >= 1 and max_tokens >= 2; got {self.max_words} and {self.max_tokens}.")
+
+    def _check_image_tokens(self) -> None:
+        """The image-token settings (the adapter, the pyramid and what reads beside it)."""
+        if self.image_tokens not in IMAGE_TOKEN_MODES:
+            raise TpasError(f"image_tokens must be one of {IMAGE_TOKEN_MODES}; got {self.image_tokens!r}.")
+        if self.image_tokens == "pyramid" and not self.image_stages:
+            raise TpasError("image_tokens pyramid needs image_stages (e.g. [2, 4, -1]).")
+        if len(self.image_grid) != 2 or min(self.image_grid) < 1:
+            raise TpasError(f"image_grid must be (rows, cols), each >= 1; got {self.image_grid}.")
+        if self.pixel_stem < 0 or (self.pixel_stem and self.image_tokens != "pyramid"):
+            raise TpasError(f"pixel_stem needs image_tokens pyramid and must be >= 0; got {self.pixel_stem}.")
+        if self.pixel_stem and any(n % g for n, g in zip(self.image_size, self.image_grid)):
+            # the pixels travel (and are cached) cell by cell, beside each cell's features
+            raise TpasError(
+                f"pixel_stem needs image_size {self.image_size} to be a whole number of image_grid {self.image_grid} "
+                "cells; change the grid or the size."
+            )
+        if self.tune_from < 0 or (self.tune_from and self.image_tokens != "pyramid"):
+            raise TpasError(f"tune_from needs image_tokens pyramid and must be >= 0; got {self.tune_from}.")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:

@@ -16,8 +16,10 @@ Losses are the shared ones (tpas.models.losses); tpas.models.fast_itm re-ranks e
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
+import timm.layers
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -228,22 +230,33 @@ class PyramidTokens(ImageTokens):
     tower, on a 128x64 crop, misses few-pixel details (a collar, a jacket's zip, a t-shirt's bare
     forearms: docs/demo-quality.md) that decide the caption's garment words. Measured: no gain
     for the default 10k-pair budget (the stem does not learn the garment types from ITC/ITM alone),
-    so it is off by default."""
+    so it is off by default.
+
+    With cfg.tune_from = k, the stages read from blocks k and above (not the final map, -1) come
+    from a trained copy of those blocks (`tuned_blocks`, BatchNorm statistics frozen) run on block
+    k-1's output, which travels cell by cell beside the frozen features like the pixels above: the
+    cache keeps the locked tower's prefix, and the pretrained mid-level filters adapt to details
+    (a garment's type) that the frozen ones blur. The locked tower itself stays exact, so the frozen
+    stages and the cache do not change as the copy trains."""
 
     def features(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """[B, rows * cols, sum of the stages' channels]: the stages' maps on the grid, cell by cell."""
         encoder, stages = model.image_encoder, model.cfg.image_stages
         deepest = len(encoder.blocks) - 1 if -1 in stages else max(stages)
+        deepest = max(deepest, model.cfg.tune_from - 1)
         x = encoder.bn1(encoder.conv_stem(images))
         outputs = {}
         for i, block in enumerate(encoder.blocks[: deepest + 1]):  # later blocks are not read
             x = outputs[i] = block(x)
         if -1 in stages:
             outputs[-1] = encoder.bn2(encoder.conv_head(x))
-        parts = [_to_grid(outputs[stage], model.cfg.image_grid) for stage in stages]
+        grid = model.cfg.image_grid
+        parts = [_to_grid(outputs[stage], grid) for stage in stages if not _is_tuned(stage, model.cfg)]
         cells = torch.cat(parts, dim=1).flatten(2).transpose(1, 2)
+        if model.cfg.tune_from:
+            cells = torch.cat([cells, _to_cells(outputs[model.cfg.tune_from - 1], grid)], dim=2)
         if model.cfg.pixel_stem:
-            cells = torch.cat([cells, _pixel_cells(images, model.cfg.image_grid).to(cells.dtype)], dim=2)
+            cells = torch.cat([cells, _to_cells(images, model.cfg.image_grid).to(cells.dtype)], dim=2)
         return cells
 
     def check(self, encoder: nn.Module, cfg: ModelConfig) -> None:
@@ -258,6 +271,18 @@ class PyramidTokens(ImageTokens):
                 f"image_stages must be block indices 0..{len(blocks) - 1} or -1 (the final map), without "
                 f"image_stage; got {list(cfg.image_stages)}."
             )
+        if cfg.tune_from and not any(_is_tuned(stage, cfg) for stage in cfg.image_stages):
+            raise TpasError(
+                f"tune_from={cfg.tune_from} trains no stage: image_stages {list(cfg.image_stages)} has no block "
+                f"index >= {cfg.tune_from} (below {len(blocks)}); lower tune_from or read a later stage."
+            )
+        if cfg.tune_from:
+            channels, height, width = _tuned_input_shape(encoder, cfg)
+            if height % cfg.image_grid[0] or width % cfg.image_grid[1]:
+                raise TpasError(
+                    f"tune_from={cfg.tune_from}: block {cfg.tune_from - 1}'s {height}x{width} map is not a whole "
+                    f"number of image_grid {cfg.image_grid} cells; change the grid, the image size or tune_from."
+                )
 
     def channels_of(self, features: torch.Tensor) -> int:
         return features.shape[2]
@@ -270,6 +295,22 @@ class PyramidTokens(ImageTokens):
         if model.cfg.pixel_stem:
             model.pixel_stem = _pixel_stem(model.cfg.pixel_stem)
             channels += PIXEL_STEM_WIDTHS[-1] * model.cfg.pixel_stem - _cell_pixels(model.cfg)
+        if model.cfg.tune_from:
+            encoder, cfg = model.image_encoder, model.cfg
+            last = max(stage for stage in cfg.image_stages if _is_tuned(stage, cfg))
+            # a copy, so the locked tower (and what a cache holds) stays as it was pretrained
+            model.tuned_blocks = timm.layers.freeze_batch_norm_2d(
+                copy.deepcopy(encoder.blocks[cfg.tune_from : last + 1])
+            )
+            model.tuned_blocks.requires_grad_(True)
+            model.tuned_input_shape = _tuned_input_shape(encoder, cfg)
+            in_channels, height, width = model.tuned_input_shape
+            with torch.no_grad():  # the tuned stages' widths, from one dummy forward
+                x, tuned_out = torch.zeros(1, *model.tuned_input_shape), 0
+                for i, block in enumerate(model.tuned_blocks, start=cfg.tune_from):
+                    x = block(x)
+                    tuned_out += x.shape[1] if i in cfg.image_stages else 0
+            channels += tuned_out - in_channels * height * width // (cfg.image_grid[0] * cfg.image_grid[1])
         model.image_proj = nn.Linear(channels, hidden)
         model.image_cls = nn.Parameter(torch.zeros(1, 1, hidden))
         model.image_pos_embed = nn.Parameter(torch.zeros(1, 1 + grid[0] * grid[1], hidden))
@@ -290,11 +331,25 @@ class PyramidTokens(ImageTokens):
         return hidden
 
     def tokens(self, model: nn.Module, features: torch.Tensor) -> torch.Tensor:
-        if model.cfg.pixel_stem:
-            split = features.shape[2] - _cell_pixels(model.cfg)
-            images = _from_cells(features[..., split:].to(model.image_proj.weight.dtype), model.cfg)
-            read = _to_grid(model.pixel_stem(images), model.cfg.image_grid).flatten(2).transpose(1, 2)
-            features = torch.cat([features[..., :split], read.to(features.dtype)], dim=2)
+        cfg, dtype = model.cfg, model.image_proj.weight.dtype
+        read = []
+        if cfg.pixel_stem:
+            split = features.shape[2] - _cell_pixels(cfg)
+            images = _from_cells(features[..., split:].to(dtype), cfg.image_grid, (3, *cfg.image_size))
+            read.append(_to_grid(model.pixel_stem(images), cfg.image_grid))
+            features = features[..., :split]
+        if cfg.tune_from:
+            c, h, w = model.tuned_input_shape
+            split = features.shape[2] - c * h * w // (cfg.image_grid[0] * cfg.image_grid[1])
+            x = _from_cells(features[..., split:].to(dtype), cfg.image_grid, model.tuned_input_shape)
+            outputs = {}
+            for i, block in enumerate(model.tuned_blocks, start=cfg.tune_from):
+                x = outputs[i] = block(x)
+            read = [_to_grid(outputs[s], cfg.image_grid) for s in cfg.image_stages if _is_tuned(s, cfg)] + read
+            features = features[..., :split]
+        if read:
+            read_cells = torch.cat(read, dim=1).flatten(2).transpose(1, 2)
+            features = torch.cat([features, read_cells.to(features.dtype)], dim=2)
         x = model.image_proj(features)
         x = torch.cat([model.image_cls.expand(len(x), -1, -1).to(x.dtype), x], dim=1) + model.image_pos_embed
         for layer in model.image_layers:
@@ -302,6 +357,7 @@ class PyramidTokens(ImageTokens):
         return model.image_norm(x)
 
     def is_new_parameter(self, name: str) -> bool:
+        # tuned_blocks are pretrained (a copy of the tower's): base lr
         return name.startswith((*NEW_PARAM_PREFIXES, "image_cls", "image_layers.", "pixel_stem.")) or (
             name.startswith("fusion.") and NEW_PARAM_INFIX in name
         )
@@ -327,19 +383,36 @@ def _cell_pixels(cfg: ModelConfig) -> int:
     return 3 * (height // rows) * (width // cols)
 
 
-def _pixel_cells(images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """[B, 3, H, W] -> [B, rows * cols, 3 * cell height * cell width], row-major cells."""
+def _to_cells(images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[B, C, H, W] -> [B, rows * cols, C * cell height * cell width], row-major cells."""
     b, c, h, w = images.shape
     rows, cols = grid
     x = images.reshape(b, c, rows, h // rows, cols, w // cols).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b, rows * cols, -1)
 
 
-def _from_cells(cells: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """_pixel_cells' inverse."""
-    (h, w), (rows, cols) = cfg.image_size, cfg.image_grid
-    x = cells.reshape(len(cells), rows, cols, 3, h // rows, w // cols).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(len(cells), 3, h, w)
+def _from_cells(cells: torch.Tensor, grid: tuple[int, int], shape: tuple[int, int, int]) -> torch.Tensor:
+    """_to_cells' inverse: [B, rows * cols, C * cell area] -> [B, C, H, W] (`shape` = (C, H, W))."""
+    (rows, cols), (c, h, w) = grid, shape
+    x = cells.reshape(len(cells), rows, cols, c, h // rows, w // cols).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(len(cells), c, h, w)
+
+
+def _is_tuned(stage: int, cfg: ModelConfig) -> bool:
+    """Whether a pyramid stage comes from the trained copy of the tower's blocks (cfg.tune_from)."""
+    return bool(cfg.tune_from) and stage >= cfg.tune_from
+
+
+def _tuned_input_shape(encoder: nn.Module, cfg: ModelConfig) -> tuple[int, int, int]:
+    """(C, H, W) of block tune_from - 1's output, which the tuned blocks read."""
+    was_training = encoder.training
+    encoder.eval()  # must not touch BatchNorm statistics
+    with torch.no_grad():
+        x = encoder.bn1(encoder.conv_stem(torch.zeros(1, 3, *cfg.image_size)))
+        for block in encoder.blocks[: cfg.tune_from]:
+            x = block(x)
+    encoder.train(was_training)
+    return tuple(x.shape[1:])
 
 
 def _to_grid(fmap: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -111,6 +111,12 @@ class TrainConfig:
         "8x this many channels out), read beside each cell's frozen features; it sees the few-pixel garment details "
         "an ImageNet tower misses at 128x64. 0 = none. Default: the preset's.",
     )
+    tune_from: int | None = field(
+        None,
+        "pyramid tokens with a locked tower: the stages read from blocks >= N come from a trained copy of those blocks "
+        "(BatchNorm statistics frozen), run on block N-1's output, which --feature-cache keeps beside the frozen features; "
+        "the pretrained mid-level filters then adapt to garment details. 0 = the whole tower stays frozen. Default: the preset's.",
+    )
     lock_image: bool | None = field(
         None,
         "Freeze the pretrained image backbone (LiT): its BatchNorm stays in eval mode and, with --feature-cache, its "
@@ -140,6 +146,12 @@ class TrainConfig:
         True,
         "Also use PAB's own hard_i/hard_c (a near-twin image and caption per pair) as extra ITC/ITM negatives "
         "(on the previous lite recipe, demo val R@1 34.4 against 27.2 without: docs/demo-quality.md).",
+    )
+    swap_negatives: float = field(
+        0.0,
+        "Share of the training pairs whose hard negative caption (hard_c) becomes the caption itself with one garment "
+        "type or the gender swapped (NegCLIP-style, tpas.train.swaps): a negative that differs in exactly the detail "
+        "a model misreads. Needs --pab-hard-negatives; 0 = PAB's own hard_c throughout.",
     )
     on_bad_sample: str = field(
         "fail",
@@ -219,6 +231,10 @@ class TrainConfig:
             raise TpasError(f"--warmup-steps must be 0 or more; got {self.warmup_steps}.")
         if self.save_every < 0:
             raise TpasError(f"--save-every must be 0 (only at epoch ends) or more; got {self.save_every}.")
+        if not 0 <= self.swap_negatives <= 1 or (self.swap_negatives and not self.pab_hard_negatives):
+            raise TpasError(
+                f"--swap-negatives must be a share from 0 to 1, with --pab-hard-negatives; got {self.swap_negatives}."
+            )
 
 
 # How a resume treats this command's flags (tpas.cli.given_fields tells a given flag from a default):
@@ -256,6 +272,7 @@ MODEL_FLAGS = (
     "image_grid_cols",
     "image_layers",
     "pixel_stem",
+    "tune_from",
     "lock_image",
     "lock_text_layers",
     "fusion_layers",
@@ -278,7 +295,15 @@ def model_config_for(cfg: TrainConfig) -> model_lib.ModelConfig:
         overrides["image_grid"] = (cfg.image_grid_rows or base.image_grid[0], cfg.image_grid_cols or base.image_grid[1])
     if cfg.image_stages:
         overrides["image_stages"] = tuple(cfg.image_stages)
-    for name in ("image_tokens", "image_layers", "pixel_stem", "lock_image", "lock_text_layers", "fusion_layers"):
+    for name in (
+        "image_tokens",
+        "image_layers",
+        "pixel_stem",
+        "tune_from",
+        "lock_image",
+        "lock_text_layers",
+        "fusion_layers",
+    ):
         if getattr(cfg, name) is not None:
             overrides[name] = getattr(cfg, name)
     if cfg.embed_dim is not None:

@@ -77,6 +77,7 @@ from tpas.train.data import (
     make_collate,
     make_loader,
 )
+from tpas.train.swaps import with_swapped_negatives
 
 
 def batch_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -382,6 +383,12 @@ class _Trainer:
         self.per_step = cfg.batch_size * runtime.world_size * cfg.grad_accum
         self.text = model_lib.build_text_pipeline(self.model_cfg)
         self.train_frame, bad_train = _readable_captions(train_frame, self.text, cfg)
+        self.train_frame, swaps = with_swapped_negatives(self.train_frame, cfg.swap_negatives, cfg.seed)
+        if swaps and runtime.is_main:
+            print(
+                f"swapped negatives: {swaps} of {len(self.train_frame)} pairs' hard captions are now their caption "
+                "with one garment type or the gender swapped"
+            )
         self.val_frame, bad_val = _readable_captions(val_frame, self.text, cfg)
         self.skipped = skipped + bad_train + bad_val
         if cfg.steps:  # a step budget: enough epochs to hold it, the last one cut short
