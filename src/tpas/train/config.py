@@ -261,15 +261,10 @@ SCHEDULE_FIELDS = ("epochs", "steps")
 
 # TrainConfig fields that only override the preset's ModelConfig (None = the preset's value); what
 # they resolve to is saved in config.json's "model".
-MODEL_FLAGS = (
-    *model_lib.TEXT_FIELDS,
-    "image_height",
-    "image_width",
+# - those that are ModelConfig fields of the same name and meaning:
+SAME_NAME_MODEL_FLAGS = (
     "image_stage",
     "image_tokens",
-    "image_stages",
-    "image_grid_rows",
-    "image_grid_cols",
     "image_layers",
     "pixel_stem",
     "tune_from",
@@ -277,6 +272,15 @@ MODEL_FLAGS = (
     "lock_text_layers",
     "fusion_layers",
     "embed_dim",
+)
+MODEL_FLAGS = (
+    *model_lib.TEXT_FIELDS,
+    *SAME_NAME_MODEL_FLAGS,
+    "image_height",
+    "image_width",
+    "image_stages",
+    "image_grid_rows",
+    "image_grid_cols",
     "hf_model",
 )
 
@@ -289,25 +293,13 @@ def model_config_for(cfg: TrainConfig) -> model_lib.ModelConfig:
     base = model_lib.ModelConfig.from_preset(cfg.model)
     if cfg.image_height or cfg.image_width:
         overrides["image_size"] = (cfg.image_height or base.image_size[0], cfg.image_width or base.image_size[1])
-    if cfg.image_stage is not None:
-        overrides["image_stage"] = cfg.image_stage
     if cfg.image_grid_rows or cfg.image_grid_cols:
         overrides["image_grid"] = (cfg.image_grid_rows or base.image_grid[0], cfg.image_grid_cols or base.image_grid[1])
     if cfg.image_stages:
         overrides["image_stages"] = tuple(cfg.image_stages)
-    for name in (
-        "image_tokens",
-        "image_layers",
-        "pixel_stem",
-        "tune_from",
-        "lock_image",
-        "lock_text_layers",
-        "fusion_layers",
-    ):
+    for name in SAME_NAME_MODEL_FLAGS:
         if getattr(cfg, name) is not None:
             overrides[name] = getattr(cfg, name)
-    if cfg.embed_dim is not None:
-        overrides["embed_dim"] = cfg.embed_dim
     if cfg.hf_model is not None:
         if not model_lib.family(base.family).reads_hf_model:
             raise TpasError(f"--hf-model is for the blip-itm and clip presets; --model {cfg.model} does not read it.")
