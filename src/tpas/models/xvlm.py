@@ -276,8 +276,8 @@ class PyramidTokens(ImageTokens):
                 f"tune_from={cfg.tune_from} trains no stage: image_stages {list(cfg.image_stages)} has no block "
                 f"index >= {cfg.tune_from} (below {len(blocks)}); lower tune_from or read a later stage."
             )
-        if cfg.tune_from:
-            channels, height, width = _tuned_input_shape(encoder, cfg)
+        if cfg.tune_from:  # checked here, before the model's first (dummy) forward cuts the map into cells
+            _, height, width = _tuned_input_shape(encoder, cfg)
             if height % cfg.image_grid[0] or width % cfg.image_grid[1]:
                 raise TpasError(
                     f"tune_from={cfg.tune_from}: block {cfg.tune_from - 1}'s {height}x{width} map is not a whole "
@@ -303,14 +303,15 @@ class PyramidTokens(ImageTokens):
                 copy.deepcopy(encoder.blocks[cfg.tune_from : last + 1])
             )
             model.tuned_blocks.requires_grad_(True)
-            model.tuned_input_shape = _tuned_input_shape(encoder, cfg)
-            in_channels, height, width = model.tuned_input_shape
+            model.tuned_input_shape = in_channels, height, width = _tuned_input_shape(encoder, cfg)
+            # what each cell of the cache holds of that map
+            model.tuned_cell_width = in_channels * height * width // (cfg.image_grid[0] * cfg.image_grid[1])
             with torch.no_grad():  # the tuned stages' widths, from one dummy forward
                 x, tuned_out = torch.zeros(1, *model.tuned_input_shape), 0
                 for i, block in enumerate(model.tuned_blocks, start=cfg.tune_from):
                     x = block(x)
                     tuned_out += x.shape[1] if i in cfg.image_stages else 0
-            channels += tuned_out - in_channels * height * width // (cfg.image_grid[0] * cfg.image_grid[1])
+            channels += tuned_out - model.tuned_cell_width
         model.image_proj = nn.Linear(channels, hidden)
         model.image_cls = nn.Parameter(torch.zeros(1, 1, hidden))
         model.image_pos_embed = nn.Parameter(torch.zeros(1, 1 + grid[0] * grid[1], hidden))
@@ -339,8 +340,7 @@ class PyramidTokens(ImageTokens):
             read.append(_to_grid(model.pixel_stem(images), cfg.image_grid))
             features = features[..., :split]
         if cfg.tune_from:
-            c, h, w = model.tuned_input_shape
-            split = features.shape[2] - c * h * w // (cfg.image_grid[0] * cfg.image_grid[1])
+            split = features.shape[2] - model.tuned_cell_width
             x = _from_cells(features[..., split:].to(dtype), cfg.image_grid, model.tuned_input_shape)
             outputs = {}
             for i, block in enumerate(model.tuned_blocks, start=cfg.tune_from):
