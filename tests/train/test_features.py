@@ -159,6 +159,19 @@ def test_tune_from_trains_a_copy_of_the_towers_blocks_on_the_cached_prefix() -> 
     assert not torch.allclose(model.encode_image_features(features)[1], model.encode_image_features(moved)[1])
 
 
+def test_the_tuned_copy_runs_in_fp32_on_a_cpu_under_bf16_autocast() -> None:
+    model = _model(tune_from=2).eval()
+    features = model.image_features(_images(2))
+    seen = []
+    model.tuned_blocks[-1].register_forward_hook(lambda _m, _i, out: seen.append(out))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.encode_image_features(features)
+    width = model.tuned_cell_width
+    with torch.no_grad():
+        exact = model.tuned_blocks(xvlm._from_cells(features[..., -width:].float(), (4, 2), model.tuned_input_shape))
+    assert seen[0].dtype == torch.float32 and torch.equal(seen[0], exact)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
