@@ -237,8 +237,8 @@ def _cfg(root: Path, runs: Path, **kw) -> TrainConfig:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"pixel_stem": 2}, {"tune_from": 2}, {"swap_negatives": 1.0}],
-    ids=["pyramid", "pixel-stem", "tune-from", "swap-negatives"],
+    [{}, {"pixel_stem": 2}, {"tune_from": 2}, {"swap_negatives": 1.0}, {"batch_clusters": 3, "cluster_group": 4}],
+    ids=["pyramid", "pixel-stem", "tune-from", "swap-negatives", "batch-clusters"],
 )
 def test_training_on_the_cache_resumes_exactly_and_saves_its_settings(tmp_path: Path, capsys, overrides: dict) -> None:
     root = write_coloured_train(tmp_path / "pab", caption="a man {i} in a red jacket and blue jeans is walking")
@@ -246,6 +246,7 @@ def test_training_on_the_cache_resumes_exactly_and_saves_its_settings(tmp_path: 
     out = capsys.readouterr().out
     assert "cached the locked parts' outputs" in out
     assert ("hard captions are now their caption" in out) == bool(overrides.get("swap_negatives"))
+    assert ("batch clusters: 3 clusters" in out) == bool(overrides.get("batch_clusters"))
     train(_cfg(root, tmp_path, name="cut", max_steps=3, **overrides))
     train(_cfg(root, tmp_path, name="cut", resume=True))
     straight, resumed = (
@@ -259,6 +260,7 @@ def test_training_on_the_cache_resumes_exactly_and_saves_its_settings(tmp_path: 
     assert saved["model"]["pixel_stem"] == overrides.get("pixel_stem", 0)
     assert saved["model"]["tune_from"] == overrides.get("tune_from", 0)
     assert saved["train"]["swap_negatives"] == overrides.get("swap_negatives", 0.0)
+    assert saved["train"]["batch_clusters"] == overrides.get("batch_clusters", 0)
     # the run loads and ranks like any other (infer.py's path: pixels through the whole model)
     model = model_lib.load_run_model(tmp_path / "straight")[0]
     assert model.cfg.lock_image and model.encode_image(_images(2))[1].shape == (2, model.cfg.embed_dim)

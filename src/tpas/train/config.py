@@ -153,6 +153,15 @@ class TrainConfig:
         "type or the gender swapped (NegCLIP-style, tpas.train.swaps): a negative that differs in exactly the detail "
         "a model misreads. Needs --pab-hard-negatives; 0 = PAB's own hard_c throughout.",
     )
+    batch_clusters: int = field(
+        0,
+        "Batches of look-alike pairs (TAS-B-style, tpas.train.data.ClusteredSampler): the training captions fall into "
+        "this many k-means clusters of their TF-IDF vectors, and each batch is whole groups of --cluster-group pairs, "
+        "each group from one cluster, so in-batch negatives share most of their words. 0 = uniformly random batches.",
+    )
+    cluster_group: int = field(
+        32, "Pairs drawn together from one cluster with --batch-clusters; --batch-size must be a multiple of it."
+    )
     on_bad_sample: str = field(
         "fail",
         "What to do with a bad record or image: stop with a message, or skip it and count it.",
@@ -231,6 +240,15 @@ class TrainConfig:
             raise TpasError(f"--warmup-steps must be 0 or more; got {self.warmup_steps}.")
         if self.save_every < 0:
             raise TpasError(f"--save-every must be 0 (only at epoch ends) or more; got {self.save_every}.")
+        if (
+            self.batch_clusters < 0
+            or self.cluster_group < 1
+            or (self.batch_clusters and self.batch_size % self.cluster_group)
+        ):
+            raise TpasError(
+                f"--batch-clusters must be 0 (off) or more and --cluster-group 1 or more, dividing --batch-size "
+                f"{self.batch_size}; got {self.batch_clusters} and {self.cluster_group}."
+            )
         if not 0 <= self.swap_negatives <= 1 or (self.swap_negatives and not self.pab_hard_negatives):
             raise TpasError(
                 f"--swap-negatives must be a share from 0 to 1, with --pab-hard-negatives; got {self.swap_negatives}."

@@ -187,6 +187,44 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         return (self.batches_per_epoch() - self.skip_batches) * self.batch_size
 
 
+def caption_clusters(captions: list[str], k: int, seed: int) -> np.ndarray:
+    """A cluster label per caption: k-means (k clusters) on the captions' TF-IDF vectors, seeded.
+
+    Captions that share most of their words (action, colours, garments) land together, so a batch
+    drawn from a few clusters holds look-alike pairs as each other's in-batch negatives."""
+    from sklearn.cluster import KMeans
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vectors = TfidfVectorizer(stop_words="english", sublinear_tf=True).fit_transform(captions)
+    return KMeans(n_clusters=k, n_init=1, random_state=seed % 2**32).fit_predict(vectors)
+
+
+class ClusteredSampler(ResumableSampler):
+    """ResumableSampler whose batches are look-alike groups (TAS-B style, Hofstaetter et al. 2021):
+    each epoch, every cluster's pairs are shuffled and cut into groups of `group`; the whole groups
+    are shuffled, so each batch is batch_size / group groups, mostly from different clusters. The
+    clusters' remainders are pooled, shuffled and cut into groups too; only the last group can be
+    short, and it comes last, so every batch is whole groups. Each pair still comes once an epoch."""
+
+    def __init__(self, labels: np.ndarray, group: int, seed: int, batch_size: int, **kwargs: int):
+        super().__init__(len(labels), seed, batch_size, **kwargs)
+        self.labels, self.group = np.asarray(labels), group
+
+    def order(self) -> list[int]:
+        rng = np.random.default_rng(stable_seed(self.seed, self.epoch, 0xC1))
+        groups, rest = [], []
+        for label in np.unique(self.labels):
+            members = rng.permutation(np.flatnonzero(self.labels == label))
+            whole = len(members) // self.group * self.group
+            groups += np.split(members[:whole], whole // self.group) if whole else []
+            rest += members[whole:].tolist()
+        rest = rng.permutation(np.asarray(rest, dtype=np.int64))
+        whole = len(rest) // self.group * self.group
+        groups += np.split(rest[:whole], whole // self.group) if whole else []
+        order = [groups[i] for i in rng.permutation(len(groups))] + [rest[whole:]]
+        return np.concatenate(order).astype(np.int64).tolist()
+
+
 def make_collate(text: TextPipeline):
     def collate(items: list[dict]) -> dict:
         batch = {"images": torch.stack([i["image"] for i in items]), "index": torch.tensor([i["index"] for i in items])}

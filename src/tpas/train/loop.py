@@ -68,11 +68,13 @@ from tpas.train.config import (
     model_config_for,
 )
 from tpas.train.data import (
+    ClusteredSampler,
     PairDataset,
     ResizedImages,
     ResumableSampler,
     auto_workers,
     build_image_cache,
+    caption_clusters,
     leading_resize,
     make_collate,
     make_loader,
@@ -433,9 +435,7 @@ class _Trainer:
         self._cache_features()
         if cfg.image_cache != "none" and isinstance(self.dataset, PairDataset):
             self.dataset.cache = _image_cache(cfg, self.dataset, transform, self.run_dir, runtime)
-        self.sampler = ResumableSampler(
-            len(self.dataset), cfg.seed, cfg.batch_size, runtime.rank, runtime.world_size, cfg.grad_accum
-        )
+        self.sampler = self._sampler()
         self.steps_per_epoch = self.sampler.batches_per_epoch() // cfg.grad_accum
         total_steps = cfg.steps or self.steps_per_epoch * cfg.epochs
         self.optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay, cfg.lr, cfg.new_lr_mult), lr=cfg.lr)
@@ -446,6 +446,24 @@ class _Trainer:
         )
         model.itm_pairs = cfg.itm_pairs or None  # 0: all
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
+
+    def _sampler(self) -> ResumableSampler:
+        cfg, runtime = self.cfg, self.runtime
+        ranks = {"rank": runtime.rank, "world_size": runtime.world_size, "grad_accum": cfg.grad_accum}
+        if not cfg.batch_clusters:
+            return ResumableSampler(len(self.dataset), cfg.seed, cfg.batch_size, **ranks)
+        captions = self.dataset.frame["caption"].tolist()
+        if cfg.batch_clusters > len(captions):
+            raise TpasError(
+                f"--batch-clusters {cfg.batch_clusters} is more than the {len(captions)} training pairs; ask for fewer."
+            )
+        labels = caption_clusters(captions, cfg.batch_clusters, cfg.seed)
+        sizes = np.bincount(labels)
+        self.say(
+            f"batch clusters: {cfg.batch_clusters} clusters of the training captions (median {int(np.median(sizes))} "
+            f"pairs), batches of {cfg.batch_size // cfg.cluster_group} groups of {cfg.cluster_group}"
+        )
+        return ClusteredSampler(labels, cfg.cluster_group, cfg.seed, cfg.batch_size, **ranks)
 
     def _cache_features(self) -> None:
         """With a locked part and --feature-cache, serve its outputs from a FeatureCache (computed
