@@ -46,8 +46,8 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
     if not subset.get("val"):
         raise TpasError(f"{subset_file} has no validation pairs: train the run with --val-size above 0.")
     frame = load_train_annotations(cfg.data_root)[0].set_index("image_id", drop=False)
-    wanted = subset["val"] + subset["train"][: len(subset["val"])]
-    missing = [i for i in wanted if i not in frame.index]
+    parts = {"held_out": subset["val"], "train": subset["train"][: len(subset["val"])]}
+    missing = [i for ids in parts.values() for i in ids if i not in frame.index]
     if missing:
         raise TpasError(
             f"{subset_file}: {len(missing)} pairs (e.g. {missing[0]}) are not in {cfg.data_root}; "
@@ -57,7 +57,7 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
     transform = model_lib.image_transform(model_cfg, train=False)
     text = model_lib.build_text_pipeline(model_cfg)
     report: dict[str, Any] = {"run": str(cfg.run), "pairs": len(subset["val"])}
-    for part, ids in (("held_out", subset["val"]), ("train", subset["train"][: len(subset["val"])])):
+    for part, ids in parts.items():
         report[part] = validate(model, frame.loc[ids].reset_index(drop=True), cfg.data_root, transform, text)
     report["gap_R@1"] = report["train"]["R@1"] - report["held_out"]["R@1"]
     write_json(cfg.output or cfg.run / "fit.json", report)
