@@ -214,15 +214,18 @@ class ClusteredSampler(ResumableSampler):
         rng = np.random.default_rng(stable_seed(self.seed, self.epoch, 0xC1))
         groups, rest = [], []
         for label in np.unique(self.labels):
-            members = rng.permutation(np.flatnonzero(self.labels == label))
-            whole = len(members) // self.group * self.group
-            groups += np.split(members[:whole], whole // self.group) if whole else []
-            rest += members[whole:].tolist()
-        rest = rng.permutation(np.asarray(rest, dtype=np.int64))
-        whole = len(rest) // self.group * self.group
-        groups += np.split(rest[:whole], whole // self.group) if whole else []
-        order = [groups[i] for i in rng.permutation(len(groups))] + [rest[whole:]]
+            cut, left = self._whole_groups(rng.permutation(np.flatnonzero(self.labels == label)))
+            groups += cut
+            rest.append(left)
+        cut, short = self._whole_groups(rng.permutation(np.concatenate(rest)))
+        groups += cut
+        order = [groups[i] for i in rng.permutation(len(groups))] + [short]
         return np.concatenate(order).astype(np.int64).tolist()
+
+    def _whole_groups(self, members: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """`members` cut into whole groups, and what is left over (fewer than a group)."""
+        whole = len(members) // self.group * self.group
+        return [members[i : i + self.group] for i in range(0, whole, self.group)], members[whole:]
 
 
 def make_collate(text: TextPipeline):
