@@ -71,3 +71,36 @@ def test_more_clusters_than_pairs_is_one_sentence(tmp_path) -> None:
     )
     with pytest.raises(TpasError, match="--batch-clusters 30 is more than the 24 training pairs"):
         train(cfg)
+
+
+def test_the_default_is_one_cluster_per_100_pairs_in_quarter_batch_groups() -> None:
+    cfg = TrainConfig()
+    assert [cfg.resolved_batch_clusters(n) for n in (10_000, 19_511, 3_000, 99)] == [100, 100, 30, 0]
+    assert cfg.resolved_cluster_group() == 32
+    assert [TrainConfig(batch_size=b).resolved_cluster_group() for b in (8, 6)] == [2, 1]
+    given = TrainConfig(batch_clusters=7, cluster_group=16)
+    assert (given.resolved_batch_clusters(10_000), given.resolved_cluster_group()) == (7, 16)
+    assert TrainConfig(batch_clusters=0).resolved_batch_clusters(10_000) == 0
+
+
+def test_a_default_run_saves_the_clusters_it_resolved(tmp_path, capsys) -> None:
+    import json
+
+    from fakes import write_coloured_train
+
+    from tpas.train.loop import train
+
+    root = write_coloured_train(tmp_path / "pab", n=216, caption="a man {i} in a red jacket is walking")
+    train(TrainConfig(**{**TINY_TRAIN, "data_root": root, "runs_dir": tmp_path, "subset": 0, "steps": 2}))
+    assert "batch clusters: 2 clusters of the training captions" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "demo/config.json").read_text())["train"]
+    assert (saved["batch_clusters"], saved["cluster_group"]) == (2, 2)  # 208 pairs; a quarter of batch 8
+
+
+def test_a_run_saved_before_batch_clusters_resumes_on_random_batches(tmp_path) -> None:
+    from tpas.io import write_json
+    from tpas.train.loop import _resolved_config
+
+    write_json(tmp_path / "config.json", {"train": {"subset": 10000, "seed": 3}})
+    merged, _ = _resolved_config(TrainConfig(resume=True), tmp_path, given=set())
+    assert merged.batch_clusters == 0 and merged.seed == 3

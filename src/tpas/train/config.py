@@ -153,14 +153,18 @@ class TrainConfig:
         "type or the gender swapped (NegCLIP-style, tpas.train.swaps): a negative that differs in exactly the detail "
         "a model misreads. Needs --pab-hard-negatives; 0 = PAB's own hard_c throughout.",
     )
-    batch_clusters: int = field(
-        0,
+    batch_clusters: int | None = field(
+        None,
         "Batches of look-alike pairs (TAS-B-style, tpas.train.data.ClusteredSampler): the training captions fall into "
         "this many k-means clusters of their TF-IDF vectors, and each batch is whole groups of --cluster-group pairs, "
-        "each group from one cluster, so in-batch negatives share most of their words. 0 = uniformly random batches.",
+        "each group from one cluster, so in-batch negatives share most of their words. Default: one cluster per 100 "
+        "training pairs, at most 100, none under 100 pairs (100 for a 10k subset: docs/demo-quality.md); "
+        "0 = uniformly random batches (the paper's recipe).",
     )
-    cluster_group: int = field(
-        32, "Pairs drawn together from one cluster with --batch-clusters; --batch-size must be a multiple of it."
+    cluster_group: int | None = field(
+        None,
+        "Pairs drawn together from one cluster with --batch-clusters; must divide --batch-size. "
+        "Default: a quarter of the batch (32 of 128), or 1 when the batch size is not a multiple of 4.",
     )
     on_bad_sample: str = field(
         "fail",
@@ -240,10 +244,8 @@ class TrainConfig:
             raise TpasError(f"--warmup-steps must be 0 or more; got {self.warmup_steps}.")
         if self.save_every < 0:
             raise TpasError(f"--save-every must be 0 (only at epoch ends) or more; got {self.save_every}.")
-        if (
-            self.batch_clusters < 0
-            or self.cluster_group < 1
-            or (self.batch_clusters and self.batch_size % self.cluster_group)
+        if (self.batch_clusters or 0) < 0 or (
+            self.cluster_group is not None and (self.cluster_group < 1 or self.batch_size % self.cluster_group)
         ):
             raise TpasError(
                 f"--batch-clusters must be 0 (off) or more and --cluster-group 1 or more, dividing --batch-size "
@@ -253,6 +255,17 @@ class TrainConfig:
             raise TpasError(
                 f"--swap-negatives must be a share from 0 to 1, with --pab-hard-negatives; got {self.swap_negatives}."
             )
+
+    def resolved_batch_clusters(self, pairs: int) -> int:
+        """--batch-clusters, or its default for this many training pairs: one cluster per 100 (the
+        10k subset's 100 clusters, measured best so far), at most 100; none (random batches) under 100."""
+        return self.batch_clusters if self.batch_clusters is not None else min(100, pairs // 100)
+
+    def resolved_cluster_group(self) -> int:
+        """--cluster-group, or a quarter of the batch (1 when the batch size is not a multiple of 4)."""
+        if self.cluster_group is not None:
+            return self.cluster_group
+        return self.batch_size // 4 if self.batch_size % 4 == 0 else 1
 
 
 # How a resume treats this command's flags (tpas.cli.given_fields tells a given flag from a default):

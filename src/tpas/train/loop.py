@@ -245,6 +245,7 @@ def _resolved_config(cfg: TrainConfig, run_dir: Path, given: set[str]) -> tuple[
     for key in ("data_root", "runs_dir", "init"):
         if saved.get(key):
             saved[key] = Path(saved[key])
+    saved.setdefault("batch_clusters", 0)  # a run saved before look-alike batches existed trained on random ones
     merged = TrainConfig(**saved)
     notes, refused = [], []
     for name in sorted(known):
@@ -450,20 +451,26 @@ class _Trainer:
     def _sampler(self) -> ResumableSampler:
         cfg, runtime = self.cfg, self.runtime
         ranks = {"rank": runtime.rank, "world_size": runtime.world_size, "grad_accum": cfg.grad_accum}
-        if not cfg.batch_clusters:
-            return ResumableSampler(len(self.dataset), cfg.seed, cfg.batch_size, **ranks)
         captions = self.dataset.frame["caption"].tolist()
-        if cfg.batch_clusters > len(captions):
+        clusters, group = cfg.resolved_batch_clusters(len(captions)), cfg.resolved_cluster_group()
+        if (cfg.batch_clusters, cfg.cluster_group) != (clusters, group):
+            # a new run's defaults, resolved for its pairs: config.json says what ran, and a resume reads it back
+            cfg.batch_clusters, cfg.cluster_group = clusters, group
+            if runtime.is_main:
+                self._write_config()
+        if not clusters:
+            return ResumableSampler(len(self.dataset), cfg.seed, cfg.batch_size, **ranks)
+        if clusters > len(captions):
             raise TpasError(
-                f"--batch-clusters {cfg.batch_clusters} is more than the {len(captions)} training pairs; ask for fewer."
+                f"--batch-clusters {clusters} is more than the {len(captions)} training pairs; ask for fewer."
             )
-        labels = caption_clusters(captions, cfg.batch_clusters, cfg.seed)
+        labels = caption_clusters(captions, clusters, cfg.seed)
         sizes = np.bincount(labels)
         self.say(
-            f"batch clusters: {cfg.batch_clusters} clusters of the training captions (median {int(np.median(sizes))} "
-            f"pairs), batches of {cfg.batch_size // cfg.cluster_group} groups of {cfg.cluster_group}"
+            f"batch clusters: {clusters} clusters of the training captions (median {int(np.median(sizes))} "
+            f"pairs), batches of {cfg.batch_size // group} groups of {group}"
         )
-        return ClusteredSampler(labels, cfg.cluster_group, cfg.seed, cfg.batch_size, **ranks)
+        return ClusteredSampler(labels, group, cfg.seed, cfg.batch_size, **ranks)
 
     def _cache_features(self) -> None:
         """With a locked part and --feature-cache, serve its outputs from a FeatureCache (computed
