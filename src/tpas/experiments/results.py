@@ -316,8 +316,10 @@ def _stage_train(stages: Stages, tcfg: TrainConfig, what: str) -> dict:
     """Reuse a finished run with the same settings, resume an interrupted one, or train it."""
     run_dir = Path(tcfg.runs_dir) / tcfg.name
     # the model flags are compared as what they resolved to (a flag left to the preset is None)
-    # a step budget's epochs are derived from it (config.json records the resolved count)
+    # a step budget's epochs are derived from it (config.json records the resolved count);
+    # look-alike batches left to their default resolve against the run's pairs (config.json records them)
     derived = MODEL_FLAGS + (("epochs",) if tcfg.steps else ())
+    derived += tuple(k for k in ("batch_clusters", "cluster_group") if getattr(tcfg, k) is None)
     want = {k: v for k, v in config_key(tcfg).items() if k not in derived}
     want_model = _plain(dataclasses.asdict(model_config_for(tcfg)))
     stage = f"train/{tcfg.name}"
