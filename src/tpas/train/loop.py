@@ -402,6 +402,13 @@ class _Trainer:
                 // cfg.grad_accum
             )
             self.cfg = cfg = dataclasses.replace(cfg, epochs=math.ceil(cfg.steps / max(1, budget_epoch)))
+        # look-alike batches left to their default resolve for these pairs; build_model's config write
+        # records what they resolved to, so a resume reads back the same batches
+        self.cfg = cfg = dataclasses.replace(
+            cfg,
+            batch_clusters=cfg.resolved_batch_clusters(len(self.train_frame)),
+            cluster_group=cfg.resolved_cluster_group(),
+        )
         if len(self.train_frame) < self.per_step:
             raise TpasError(
                 f"{cfg.data_root}: only {len(self.train_frame)} usable training pairs, fewer than one "
@@ -452,12 +459,7 @@ class _Trainer:
         cfg, runtime = self.cfg, self.runtime
         ranks = {"rank": runtime.rank, "world_size": runtime.world_size, "grad_accum": cfg.grad_accum}
         captions = self.dataset.frame["caption"].tolist()
-        clusters, group = cfg.resolved_batch_clusters(len(captions)), cfg.resolved_cluster_group()
-        if (cfg.batch_clusters, cfg.cluster_group) != (clusters, group):
-            # a new run's defaults, resolved for its pairs: config.json says what ran, and a resume reads it back
-            cfg.batch_clusters, cfg.cluster_group = clusters, group
-            if runtime.is_main:
-                self._write_config()
+        clusters, group = cfg.batch_clusters, cfg.cluster_group  # resolved in prepare_pairs
         if not clusters:
             return ResumableSampler(len(self.dataset), cfg.seed, cfg.batch_size, **ranks)
         if clusters > len(captions):
