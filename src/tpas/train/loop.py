@@ -409,6 +409,11 @@ class _Trainer:
             batch_clusters=cfg.resolved_batch_clusters(len(self.train_frame)),
             cluster_group=cfg.resolved_cluster_group(),
         )
+        if cfg.batch_clusters > len(self.train_frame):  # refused before the model and its caches are built
+            raise TpasError(
+                f"--batch-clusters {cfg.batch_clusters} is more than the {len(self.train_frame)} training pairs; "
+                "ask for fewer."
+            )
         if len(self.train_frame) < self.per_step:
             raise TpasError(
                 f"{cfg.data_root}: only {len(self.train_frame)} usable training pairs, fewer than one "
@@ -459,13 +464,9 @@ class _Trainer:
         cfg, runtime = self.cfg, self.runtime
         ranks = {"rank": runtime.rank, "world_size": runtime.world_size, "grad_accum": cfg.grad_accum}
         captions = self.dataset.frame["caption"].tolist()
-        clusters, group = cfg.batch_clusters, cfg.cluster_group  # resolved in prepare_pairs
+        clusters, group = cfg.batch_clusters, cfg.cluster_group  # resolved and checked in prepare_pairs
         if not clusters:
             return ResumableSampler(len(self.dataset), cfg.seed, cfg.batch_size, **ranks)
-        if clusters > len(captions):
-            raise TpasError(
-                f"--batch-clusters {clusters} is more than the {len(captions)} training pairs; ask for fewer."
-            )
         labels = caption_clusters(captions, clusters, cfg.seed)
         sizes = np.bincount(labels)
         self.say(
