@@ -8,7 +8,7 @@ from fakes import TINY_TRAIN
 
 from tpas.errors import TpasError
 from tpas.train.config import TrainConfig
-from tpas.train.data import ClusteredSampler, ResumableSampler, caption_clusters
+from tpas.train.data import ClusteredSampler, ResumableSampler, caption_clusters, first_colour_word
 
 
 def test_look_alike_captions_share_a_cluster() -> None:
@@ -16,6 +16,23 @@ def test_look_alike_captions_share_a_cluster() -> None:
     lying = [f"a woman in a {c} coat lying on the ground" for c in ("red", "blue", "green", "black")]
     labels = caption_clusters(running + lying, 2, seed=0)
     assert len(set(labels[:4])) == 1 and len(set(labels[4:])) == 1 and labels[0] != labels[4]
+
+
+def test_by_colour_splits_each_cluster_by_the_first_colour_word() -> None:
+    # one wording, two actions; the first-named (upper garment's) colour varies, the trousers' does not
+    running = [f"a man in a {c} jacket and black trousers running fast" for c in ("red", "red", "Blue", "blue")]
+    lying = [f"a woman in a {c} coat and grey trousers lying on the ground" for c in ("red", "red", "blue", "blue")]
+    plain = caption_clusters(running + lying, 2, seed=0)
+    split = caption_clusters(running + lying, 2, seed=0, by_colour=True)
+    assert len(set(plain)) == 2 and len(set(split)) == 4
+    # a split cluster is one plain cluster's captions that name the same colour first (case aside)
+    assert split[0] == split[1] != split[2] == split[3] and split[4] == split[5] != split[6] == split[7]
+    assert len({split[0], split[2], split[4], split[6]}) == 4
+    assert [first_colour_word(c) for c in ("A man in Navy shorts and a red cap", "a man walking", "redhead")] == [
+        "navy",
+        "",
+        "",
+    ]
 
 
 def _labels() -> np.ndarray:
@@ -103,4 +120,15 @@ def test_a_run_saved_before_batch_clusters_resumes_on_random_batches(tmp_path) -
 
     write_json(tmp_path / "config.json", {"train": {"subset": 10000, "seed": 3}})
     merged, _ = _resolved_config(TrainConfig(resume=True), tmp_path, given=set())
-    assert merged.batch_clusters == 0 and merged.seed == 3
+    assert merged.batch_clusters == 0 and merged.seed == 3 and merged.cluster_by_colour is False
+
+
+def test_a_run_keeps_its_colour_split_on_resume(tmp_path) -> None:
+    from tpas.io import write_json
+    from tpas.train.loop import _resolved_config
+
+    write_json(tmp_path / "config.json", {"train": {"subset": 10000, "batch_clusters": 30, "cluster_by_colour": True}})
+    merged, _ = _resolved_config(TrainConfig(resume=True), tmp_path, given=set())
+    assert (merged.batch_clusters, merged.cluster_by_colour) == (30, True)
+    with pytest.raises(TpasError):
+        _resolved_config(TrainConfig(resume=True, cluster_by_colour=False), tmp_path, given={"cluster_by_colour"})

@@ -1,10 +1,11 @@
 """How alike a batch's pairs are, by the demo's rendered attributes, for each way of drawing batches:
 
     python -m tpas.experiments.batches --batch-clusters 100 --batch-clusters 300
+    python -m tpas.experiments.batches --batch-clusters 30 --cluster-by-colour
 
 For train.py's subset (the same split_train_val draw: --subset, --val-size, --seed) it builds an
 epoch of batches with uniformly random order and with look-alike groups (--batch-clusters K,
---cluster-group G; tpas.train.data.ClusteredSampler), and reports, per attribute, the share of
+--cluster-group G, --cluster-by-colour; tpas.train.data.ClusteredSampler), and reports, per attribute, the share of
 in-batch pairs (i, j), i != j, whose images agree on it. The higher the share, the more often an
 in-batch negative differs from the positive only in the other attributes, so the more the ITC
 loss asks the model to read those. Demo only (it needs annotation/demo_attributes.json); it
@@ -29,6 +30,7 @@ from tpas.io import write_json
 from tpas.train.data import ClusteredSampler, ResumableSampler, caption_clusters
 
 ATTRIBUTES = ("action", "gender", "top_colour", "top_type", "bottom_colour", "bottom_type")
+BOTH = "action+top_colour"  # a negative that shares both: the model reads these two already (its errors do)
 
 
 @dataclass
@@ -40,6 +42,9 @@ class BatchesConfig:
     batch_size: int = field(128, "Pairs per batch.")
     batch_clusters: list[int] = field([100], "Cluster counts to measure (repeat the flag for several).")
     cluster_group: int = field(32, "Pairs drawn together from one cluster.")
+    cluster_by_colour: bool = field(
+        False, "Also measure each cluster count split by the first colour word (train.py's --cluster-by-colour)."
+    )
     output: Path = field(Path("outputs/batches.json"), "Where the JSON report goes.")
 
 
@@ -62,22 +67,23 @@ def batches(cfg: BatchesConfig) -> dict[str, Any]:
             f"{len(missing)} training images (e.g. {missing[0]}) have no rendered attributes; rebuild the demo."
         )
     values = {a: np.array([str(rows[image][a]) for image in train["image"]]) for a in ATTRIBUTES}
+    values[BOTH] = np.char.add(np.char.add(values["action"], "|"), values["top_colour"])
+    columns = (*ATTRIBUTES, BOTH)
     orders = {"random": ResumableSampler(len(train), cfg.seed, cfg.batch_size).order()}
     for k in cfg.batch_clusters:
-        labels = caption_clusters(train["caption"].tolist(), k, cfg.seed)
-        orders[f"clusters={k}, group={cfg.cluster_group}"] = ClusteredSampler(
-            labels, cfg.cluster_group, cfg.seed, cfg.batch_size
-        ).order()
+        for by_colour in (False, True) if cfg.cluster_by_colour else (False,):
+            labels = caption_clusters(train["caption"].tolist(), k, cfg.seed, by_colour)
+            name = f"clusters={k}{', by colour' if by_colour else ''}, group={cfg.cluster_group}"
+            orders[name] = ClusteredSampler(labels, cfg.cluster_group, cfg.seed, cfg.batch_size).order()
     report = {
-        name: {a: 100 * agreement(order, values[a], cfg.batch_size) for a in ATTRIBUTES}
-        for name, order in orders.items()
+        name: {a: 100 * agreement(order, values[a], cfg.batch_size) for a in columns} for name, order in orders.items()
     }
     write_json(cfg.output, {"pairs": len(train), "batch_size": cfg.batch_size, "shares": report})
     print(f"in-batch pairs that agree (%), {len(train)} training pairs, batches of {cfg.batch_size}")
-    print("| batches | " + " | ".join(ATTRIBUTES) + " |")
-    print("|---|" + "---|" * len(ATTRIBUTES))
+    print("| batches | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
     for name, shares in report.items():
-        print(f"| {name} | " + " | ".join(f"{shares[a]:.1f}" for a in ATTRIBUTES) + " |")
+        print(f"| {name} | " + " | ".join(f"{shares[a]:.1f}" for a in columns) + " |")
     return report
 
 

@@ -166,6 +166,12 @@ class TrainConfig:
         "Pairs drawn together from one cluster with --batch-clusters; must divide --batch-size. "
         "Default: a quarter of the batch (32 of 128), or 1 when the batch size is not a multiple of 4.",
     )
+    cluster_by_colour: bool = field(
+        False,
+        "With --batch-clusters: split each caption cluster by the first colour word its captions name (usually the "
+        "upper garment's), so a group shares the wording and that colour and its in-batch negatives differ in the "
+        "garment types, gender and the rest. Use fewer clusters with it (--batch-clusters 30 for 10k pairs).",
+    )
     on_bad_sample: str = field(
         "fail",
         "What to do with a bad record or image: stop with a message, or skip it and count it.",

@@ -4,6 +4,7 @@ text pipeline, DataLoaders, and the optional decoded-image cache."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -187,16 +188,39 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         return (self.batches_per_epoch() - self.skip_batches) * self.batch_size
 
 
-def caption_clusters(captions: list[str], k: int, seed: int) -> np.ndarray:
+# Plain English colour terms (clothing and hair), for --cluster-by-colour.
+COLOUR_WORDS = frozenset(
+    "black white grey gray silver red maroon burgundy crimson pink magenta purple violet lilac lavender blue navy "
+    "teal turquoise cyan green olive lime khaki yellow gold golden beige cream tan orange coral brown blonde blond "
+    "ginger auburn".split()
+)
+_COLOUR_WORD = re.compile(r"\b(" + "|".join(sorted(COLOUR_WORDS)) + r")\b", re.IGNORECASE)
+
+
+def first_colour_word(caption: str) -> str:
+    """The first colour word a caption names, lower-cased ("" if none): in person captions, usually the
+    upper garment's colour, which is named first."""
+    match = _COLOUR_WORD.search(caption)
+    return match.group(1).lower() if match else ""
+
+
+def caption_clusters(captions: list[str], k: int, seed: int, by_colour: bool = False) -> np.ndarray:
     """A cluster label per caption: k-means (k clusters) on the captions' TF-IDF vectors, seeded.
 
     Captions that share most of their words (action, colours, garments) land together, so a batch
-    drawn from a few clusters holds look-alike pairs as each other's in-batch negatives."""
+    drawn from a few clusters holds look-alike pairs as each other's in-batch negatives. by_colour
+    splits each cluster by the caption's first colour word: a group then shares the wording (mostly
+    the action) and the first-named garment's colour, so its negatives differ in the garment types,
+    the gender and the rest, the details the model misreads (docs/demo-quality.md)."""
     from sklearn.cluster import KMeans
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     vectors = TfidfVectorizer(stop_words="english", sublinear_tf=True).fit_transform(captions)
-    return KMeans(n_clusters=k, n_init=1, random_state=seed % 2**32).fit_predict(vectors)
+    labels = KMeans(n_clusters=k, n_init=1, random_state=seed % 2**32).fit_predict(vectors)
+    if not by_colour:
+        return labels
+    keys = [f"{label} {first_colour_word(c)}" for label, c in zip(labels, captions, strict=True)]
+    return np.unique(keys, return_inverse=True)[1].astype(np.int64)
 
 
 class ClusteredSampler(ResumableSampler):

@@ -246,6 +246,7 @@ def _resolved_config(cfg: TrainConfig, run_dir: Path, given: set[str]) -> tuple[
         if saved.get(key):
             saved[key] = Path(saved[key])
     saved.setdefault("batch_clusters", 0)  # a run saved before look-alike batches existed trained on random ones
+    saved.setdefault("cluster_by_colour", False)  # and one saved before --cluster-by-colour, on plain clusters
     merged = TrainConfig(**saved)
     notes, refused = [], []
     for name in sorted(known):
@@ -467,11 +468,12 @@ class _Trainer:
         clusters, group = cfg.batch_clusters, cfg.cluster_group  # resolved and checked in prepare_pairs
         if not clusters:
             return ResumableSampler(len(self.dataset), cfg.seed, cfg.batch_size, **ranks)
-        labels = caption_clusters(captions, clusters, cfg.seed)
+        labels = caption_clusters(captions, clusters, cfg.seed, cfg.cluster_by_colour)
         sizes = np.bincount(labels)
+        colour = ", split by first colour word" if cfg.cluster_by_colour else ""
         self.say(
             f"batch clusters: {clusters} clusters of the training captions (median {int(np.median(sizes))} "
-            f"pairs), batches of {cfg.batch_size // group} groups of {group}"
+            f"pairs{colour}), batches of {cfg.batch_size // group} groups of {group}"
         )
         return ClusteredSampler(labels, group, cfg.seed, cfg.batch_size, **ranks)
 
