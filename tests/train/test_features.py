@@ -319,3 +319,26 @@ def test_cached_text_with_images_decoded_each_step(tmp_path: Path, capsys) -> No
     assert "cached the locked parts' outputs for 0 images" in out
     cut, straight = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("text", "text-straight"))
     assert all(torch.equal(cut[k], straight[k]) for k in straight)  # the seeded crops and flips replay
+
+
+def test_cached_text_states_are_each_captions_own_whatever_the_batching(tmp_path: Path) -> None:
+    # captions of very different lengths, cached in batches of 2 sorted by length: every row must
+    # come back to its own caption, equal (to fp16) to that caption encoded alone
+    model = _model(lock_image=False).eval()
+    captions = [
+        "a man walking",
+        "a woman in a long red coat and blue jeans with a black backpack is lying on the pavement",
+        "a boy running fast",
+        "a tall man in a grey hoodie, black shorts and a white cap is waving at the camera in a park",
+        "a girl sitting",
+    ]
+    text = model_lib.build_text_pipeline(model.cfg)
+    cache = feature_lib.build_feature_cache(model, [], captions, tmp_path, None, text, Runtime(), batch_size=2)
+    assert torch.equal(cache.input_ids, text(captions)["input_ids"])
+    with torch.no_grad():
+        for i, caption in enumerate(captions):
+            alone = text([caption])
+            n = int(alone["attention_mask"].sum())
+            want = model.text_states(alone["input_ids"], alone["attention_mask"])[0, :n]
+            assert torch.allclose(cache.states[i, :n].float(), want, atol=1e-2, rtol=1e-3)
+            assert int(cache.attention_mask[i].sum()) == n

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -119,24 +118,23 @@ def build_feature_cache(
             plain, flipped = model.image_features(batch), model.image_features(batch.flip(-1))
             chunks.append(torch.stack([plain, flipped], dim=1).to("cpu", CACHE_DTYPE))
         images = torch.cat(chunks)
-    ids, masks, states = [], [], []
-    for start in range(0, len(captions), batch_size):
-        tokens = text(captions[start : start + batch_size])
-        ids.append(tokens["input_ids"])
-        masks.append(tokens["attention_mask"])
-        if cache_text:
-            states.append(
-                model.text_states(tokens["input_ids"].to(runtime.device), tokens["attention_mask"].to(runtime.device))
-                .to("cpu", CACHE_DTYPE)
-                .unbind(0)
-            )
-    length = max(t.shape[1] for t in ids)
-    input_ids = torch.cat([F.pad(t, (0, length - t.shape[1])) for t in ids])
-    attention_mask = torch.cat([F.pad(t, (0, length - t.shape[1])) for t in masks])
+    tokens = text(captions)
+    input_ids, attention_mask = tokens["input_ids"], tokens["attention_mask"]
     text_states = None
     if cache_text:
-        rows = [row for chunk in states for row in chunk]
-        text_states = torch.stack([F.pad(r, (0, 0, 0, length - r.shape[0])) for r in rows])
+        # batches of similar length, each padded only to its own longest (about 30% less compute
+        # than batches in caption order); every row is written back to its caption's place. A
+        # pipeline that pads to max_tokens keeps every position: its model reads the padding (CMP).
+        order = torch.argsort(attention_mask.sum(1), stable=True)
+        for start in range(0, len(captions), batch_size):
+            rows = order[start : start + batch_size]
+            length = input_ids.shape[1] if text.pad_to_max_tokens else int(attention_mask[rows].sum(1).max())
+            states = model.text_states(
+                input_ids[rows, :length].to(runtime.device), attention_mask[rows, :length].to(runtime.device)
+            ).to("cpu", CACHE_DTYPE)
+            if text_states is None:
+                text_states = torch.zeros(*input_ids.shape, states.shape[-1], dtype=CACHE_DTYPE)
+            text_states[rows, :length] = states
     model.train(was_training)
     return FeatureCache(
         {p: i for i, p in enumerate(image_paths)},
