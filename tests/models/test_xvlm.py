@@ -406,3 +406,33 @@ def test_a_cmp_checkpoint_is_refused_by_x_vlms_heads_and_x_vlm_loads_into_cmp(tm
     heads = {"vision_proj.weight", "vision_proj.bias", "text_proj.weight", "text_proj.bias"}
     assert heads <= set(report["ignored"]) and report["unmapped"] == []
     assert report["missing"] and all(k.startswith(("vision_proj.", "text_proj.")) for k in report["missing"])
+
+
+def test_the_last_fusion_layer_computes_the_cls_row_alone_with_the_same_result_and_gradients() -> None:
+    # the last layer's CLS row attends over every token; skipping the other rows changes nothing the
+    # ITM head reads, forward or backward (eval mode: no dropout to draw differently)
+    from tpas.models.xvlm import FusionLayer
+
+    model = _model(0)
+    torch.manual_seed(1)
+    text = torch.randn(3, 7, model.fusion[0].attention.self.query.in_features)
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5]).bool()[:, None, None, :]
+    image = torch.randn(3, 5, model.fusion[0].crossattention.self.key.in_features)
+    layer = model.fusion[-1]
+    assert isinstance(layer, FusionLayer)
+    full = layer(text, mask, image)
+    alone = layer(text, mask, image, cls_only=True)
+    assert alone.shape == (3, 1, text.shape[-1])
+    assert torch.allclose(alone[:, 0], full[:, 0], atol=1e-6)
+
+    def grads(cls_only: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        x = text
+        for i, fusion_layer in enumerate(model.fusion):
+            x = fusion_layer(x, mask, image, cls_only=cls_only and i == len(model.fusion) - 1)
+        model.itm_head(x[:, 0]).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    skipped, every_row = grads(True), grads(False)
+    assert skipped.keys() == every_row.keys() and len(skipped) > 10
+    assert all(torch.allclose(skipped[n], every_row[n], atol=1e-6) for n in skipped)

@@ -112,9 +112,13 @@ class FusionLayer(nn.Module):
             config.intermediate_size, config.hidden_size, config.layer_norm_eps, config.hidden_dropout_prob
         )
 
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """text [B, L, D]; text_mask bool [B, 1, 1, L] (True = real token); image [B, N, encoder_width]."""
-        x = self.attention(text, text, text_mask)
+    def forward(
+        self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor, cls_only: bool = False
+    ) -> torch.Tensor:
+        """text [B, L, D]; text_mask bool [B, 1, 1, L] (True = real token); image [B, N, encoder_width].
+        cls_only: compute the CLS row alone ([B, 1, D]), its self-attention still over every token:
+        the last layer's other rows feed nothing (the ITM head reads the CLS), so they are skipped."""
+        x = self.attention(text[:, :1] if cls_only else text, text, text_mask)
         x = self.crossattention(x, image, None)  # every image token is real: no mask
         return self.output(self.intermediate(x), x)
 
@@ -637,8 +641,9 @@ class XVLMModel(RetrievalModel):
         """Row-aligned (text, image) pairs -> fused CLS [B, D]."""
         mask = text_mask.bool()[:, None, None, :]
         x = text_embeds
-        for layer in self.fusion:
-            x = layer(x, mask, image_embeds)
+        last = len(self.fusion) - 1
+        for i, layer in enumerate(self.fusion):
+            x = layer(x, mask, image_embeds, cls_only=i == last)  # the last layer's CLS row is all that is read
         return x[:, 0]
 
     def itm_logits(

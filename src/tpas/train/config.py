@@ -170,7 +170,9 @@ class TrainConfig:
         False,
         "With --batch-clusters: split each caption cluster by the first colour word its captions name (usually the "
         "upper garment's), so a group shares the wording and that colour and its in-batch negatives differ in the "
-        "garment types, gender and the rest. Use fewer clusters with it (--batch-clusters 30 for 10k pairs).",
+        "garment types, gender and the rest. Use fewer clusters with it (30 for 10k pairs: groups that share that "
+        "colour and often the action). Measured so far only by what it puts in a batch (docs/demo-quality.md); "
+        "off by default.",
     )
     on_bad_sample: str = field(
         "fail",
