@@ -164,8 +164,8 @@ def _plain(batch: dict) -> tuple:
 def test_forward_and_backward_reach_every_parameter(tiny_cfg, tokenizer):
     model = _tiny(tiny_cfg).train()
     out = model(*_plain(_batch(tiny_cfg, tokenizer)))
-    assert set(out) == {"loss", "loss_itc", "loss_itm"}
-    assert all(torch.isfinite(v) for v in out.values())
+    assert set(out) == {"loss", "loss_itc", "loss_itm", "loss_word"}
+    assert all(torch.isfinite(v) for v in out.values()) and out["loss_word"] == 0  # no word head attached
     out["loss"].backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert no_grad == []
@@ -388,3 +388,42 @@ def test_image_stage_takes_an_earlier_feature_map_with_more_tokens():
         M.build_model(dataclasses.replace(cfg, image_stage=7))
     with pytest.raises(TpasError, match="needs a timm EfficientNet-style backbone"):
         M.build_model(dataclasses.replace(M.ModelConfig.from_preset("xvlm-tiny"), image_stage=1))
+
+
+def test_word_vocab_counts_each_caption_once_and_drops_special_and_rare_pieces():
+    ids = [[101, 7, 7, 9, 102], [101, 7, 8, 102], [101, 8, 9, 102], [101, 5, 102]]
+    assert losses.word_vocab(ids, {101, 102}, min_count=2).tolist() == [7, 8, 9]
+    assert losses.word_vocab(ids, {101, 102}, min_count=1).tolist() == [5, 7, 8, 9]
+    assert losses.word_vocab(ids, {101, 102}, min_count=3).tolist() == []
+
+
+def test_word_head_targets_and_loss():
+    head = losses.WordHead(4, torch.tensor([7, 8, 9]))
+    input_ids = torch.tensor([[101, 7, 7, 9, 0], [101, 8, 102, 9, 0], [101, 5, 102, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]])
+    target = head.targets(input_ids, mask)
+    # distinct in-vocabulary pieces, uniform; padding (the 9 of row 1) and unknown ids (5) ignored
+    assert torch.equal(target, torch.tensor([[0.5, 0.0, 0.5], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]))
+    feat = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    log_p = torch.log_softmax(head.proj(feat), dim=1)
+    expected = torch.stack([-(log_p[0, 0] + log_p[0, 2]) / 2, -log_p[1, 1]]).mean()  # row 2 has no words
+    assert torch.allclose(head(feat, input_ids, mask), expected)
+
+
+def test_an_attached_word_head_adds_its_weighted_loss_and_trains_as_new(tiny_cfg, tokenizer):
+    batch = _plain(_batch(tiny_cfg, tokenizer))
+    model = _tiny(tiny_cfg).eval()
+    torch.manual_seed(3)
+    plain = model(*batch)
+    model.word_head = losses.WordHead(tiny_cfg.embed_dim, torch.arange(1000, 1100))
+    model.word_loss_weight = 0.5
+    torch.manual_seed(3)
+    out = model(*batch)
+    assert out["loss_word"] > 0 and torch.allclose(out["loss_itc"], plain["loss_itc"])
+    assert torch.allclose(out["loss"], plain["loss"] + 0.5 * out["loss_word"])
+    # its gradient reaches the image side: the word loss alone moves the image projection
+    model.zero_grad()
+    out["loss_word"].backward()
+    assert model.word_head.proj.weight.grad.abs().sum() > 0
+    assert model.vision_proj.weight.grad.abs().sum() > 0
+    assert {"word_head.proj.weight", "word_head.proj.bias"} <= set(model.new_parameter_names())

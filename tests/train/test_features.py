@@ -237,8 +237,15 @@ def _cfg(root: Path, runs: Path, **kw) -> TrainConfig:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"pixel_stem": 2}, {"tune_from": 2}, {"swap_negatives": 1.0}, {"batch_clusters": 3, "cluster_group": 4}],
-    ids=["pyramid", "pixel-stem", "tune-from", "swap-negatives", "batch-clusters"],
+    [
+        {},
+        {"pixel_stem": 2},
+        {"tune_from": 2},
+        {"swap_negatives": 1.0},
+        {"batch_clusters": 3, "cluster_group": 4},
+        {"word_loss": 1.0},
+    ],
+    ids=["pyramid", "pixel-stem", "tune-from", "swap-negatives", "batch-clusters", "word-loss"],
 )
 def test_training_on_the_cache_resumes_exactly_and_saves_its_settings(tmp_path: Path, capsys, overrides: dict) -> None:
     root = write_coloured_train(tmp_path / "pab", caption="a man {i} in a red jacket and blue jeans is walking")
@@ -247,6 +254,7 @@ def test_training_on_the_cache_resumes_exactly_and_saves_its_settings(tmp_path: 
     assert "cached the locked parts' outputs" in out
     assert ("hard captions are now their caption" in out) == bool(overrides.get("swap_negatives"))
     assert ("batch clusters: 3 clusters" in out) == bool(overrides.get("batch_clusters"))
+    assert ("word loss: weight 1.0" in out) == bool(overrides.get("word_loss"))
     train(_cfg(root, tmp_path, name="cut", max_steps=3, **overrides))
     train(_cfg(root, tmp_path, name="cut", resume=True))
     straight, resumed = (
@@ -261,6 +269,11 @@ def test_training_on_the_cache_resumes_exactly_and_saves_its_settings(tmp_path: 
     assert saved["model"]["tune_from"] == overrides.get("tune_from", 0)
     assert saved["train"]["swap_negatives"] == overrides.get("swap_negatives", 0.0)
     assert saved["train"]["batch_clusters"] == overrides.get("batch_clusters", 0)
+    assert saved["train"]["word_loss"] == overrides.get("word_loss", 0.0)
+    # the word head trains (it is in the checkpoint a resume reads) but is not part of the model
+    checkpoint = load_file(str(tmp_path / "straight/checkpoint/model.safetensors"))
+    assert any(k.startswith("word_head.") for k in checkpoint) == bool(overrides.get("word_loss"))
+    assert not any(k.startswith("word_head.") for k in straight)
     # the run loads and ranks like any other (infer.py's path: pixels through the whole model)
     model = model_lib.load_run_model(tmp_path / "straight")[0]
     assert model.cfg.lock_image and model.encode_image(_images(2))[1].shape == (2, model.cfg.embed_dim)

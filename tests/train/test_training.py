@@ -480,6 +480,7 @@ def test_init_weights_are_loaded_and_a_resume_keeps_the_checkpoint(
         ("subset", -5, "--subset must be 0 (all pairs) or more; got -5."),
         ("steps", 0, "--steps must be at least 1 (or left out to train for --epochs); got 0."),
         ("save_every", -1, "--save-every must be 0 (only at epoch ends) or more; got -1."),
+        ("word_loss", -0.5, "--word-loss must be 0 (off) or more; got -0.5."),
     ],
 )
 def test_out_of_range_counts_are_one_sentence(flag: str, value: int, expected: str) -> None:

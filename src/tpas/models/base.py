@@ -35,6 +35,9 @@ class RetrievalModel(nn.Module):
     grad_checkpointing: bool = False
     # training: the ITM loss covers this many pairs of each micro-batch (None: all; tpas.models.losses)
     itm_pairs: int | None = None
+    # training: weight of the auxiliary caption-word loss of a `word_head` submodule (losses.WordHead),
+    # which the trainer attaches for --word-loss; not a class attribute, which would hide the submodule
+    word_loss_weight: float = 0.0
 
     # ---- what each model provides
 
@@ -108,7 +111,8 @@ class RetrievalModel(nn.Module):
         text_states: torch.Tensor | None = None,
         hard_text_states: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """ITC + ITM losses for B (image, caption) pairs.
+        """ITC + ITM losses for B (image, caption) pairs, plus the caption-word loss of an
+        attached `word_head` (losses.WordHead) times `word_loss_weight`.
 
         hard_images[j]: a non-matching image for caption j; hard_input_ids[i]: a non-matching
         caption for image i (PAB's hard_i / hard_c). image_ids (optional) marks rows showing the
@@ -155,8 +159,18 @@ class RetrievalModel(nn.Module):
             hard_txt[1] if hard_txt else None,
             everyone,
         )
+        word_head = self._modules.get("word_head")
+        loss_word = (
+            word_head(image_feat, input_ids, attention_mask) if word_head is not None else torch.zeros_like(loss_itc)
+        )
+        extra = self.word_loss_weight * loss_word if word_head is not None else 0.0
         if not self.has_itm:  # a dual encoder (CLIP): contrastive loss only
-            return {"loss": loss_itc, "loss_itc": loss_itc, "loss_itm": torch.zeros_like(loss_itc)}
+            return {
+                "loss": loss_itc + extra,
+                "loss_itc": loss_itc,
+                "loss_itm": torch.zeros_like(loss_itc),
+                "loss_word": loss_word,
+            }
         loss_itm = losses.itm_loss(
             self,
             image_embeds,
@@ -170,7 +184,7 @@ class RetrievalModel(nn.Module):
             everyone,
             self.itm_pairs,
         )
-        return {"loss": loss_itc + loss_itm, "loss_itc": loss_itc, "loss_itm": loss_itm}
+        return {"loss": loss_itc + loss_itm + extra, "loss_itc": loss_itc, "loss_itm": loss_itm, "loss_word": loss_word}
 
     def _encode_image(
         self, images: torch.Tensor | None, features: torch.Tensor | None
@@ -189,8 +203,12 @@ class RetrievalModel(nn.Module):
     def new_parameter_names(self) -> list[str]:
         """Names of the parameters not initialised from pretrained weights (named_parameters order):
         image_pos_embed, temp, image_proj.*, image_norm.*, fusion.<i>.crossattention.*,
-        vision_proj.*, text_proj.*, itm_head.*."""
-        return [name for name, _ in self.named_parameters() if self.is_new_parameter(name)]
+        vision_proj.*, text_proj.*, itm_head.*, and an attached word_head.*."""
+        return [name for name, _ in self.named_parameters() if self._trains_as_new(name)]
+
+    def _trains_as_new(self, name: str) -> bool:
+        # an attached word head (training only) is new in every family
+        return self.is_new_parameter(name) or name.startswith("word_head.")
 
     def param_groups(self, weight_decay: float, lr: float, new_lr_mult: float = 2.0) -> list[dict]:
         """AdamW groups: pretrained params at lr, new ones at lr * new_lr_mult; no weight decay on
@@ -200,7 +218,7 @@ class RetrievalModel(nn.Module):
             if not param.requires_grad:
                 continue
             decay = param.ndim > 1 and not name.endswith(NO_DECAY_SUFFIXES)
-            groups.setdefault((self.is_new_parameter(name), decay), []).append(param)
+            groups.setdefault((self._trains_as_new(name), decay), []).append(param)
         out = []
         for new in (False, True):
             for decay in (True, False):

@@ -178,3 +178,43 @@ def itm_loss(
     labels = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
     labels[: len(image_embeds)] = 1
     return F.cross_entropy(logits, labels)
+
+
+class WordHead(nn.Module):
+    """Training-only auxiliary objective: predict the words of an image's caption from its ITC
+    feature (a bag of word pieces; softmax cross-entropy against the caption's pieces, uniform).
+
+    Contrastive batches rarely hold a negative that differs only in a garment's type, so ITC alone
+    gives that detail little gradient; naming every caption word for every image gives it some in
+    each step. `vocab` holds the word-piece ids it predicts (ids outside it are ignored); the head
+    never scores retrieval and is left out of a run's final weights.
+    """
+
+    def __init__(self, embed_dim: int, vocab: torch.Tensor):
+        super().__init__()
+        self.register_buffer("vocab", vocab.long().clone())
+        self.proj = nn.Linear(embed_dim, len(vocab))
+
+    def targets(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, K]: each caption's distinct in-vocabulary pieces, uniform (an all-zero row when none)."""
+        hits = (input_ids[:, :, None] == self.vocab[None, None, :]) & attention_mask[:, :, None].bool()
+        present = hits.any(dim=1).float()
+        return present / present.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+    def forward(self, image_feat: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        target = self.targets(input_ids, attention_mask)
+        log_p = F.log_softmax(self.proj(image_feat).float(), dim=1)
+        has_words = target.sum(dim=1) > 0
+        per_row = -(target * log_p).sum(dim=1)
+        return per_row[has_words].mean() if has_words.any() else per_row.sum() * 0.0
+
+
+def word_vocab(token_ids: list[list[int]], special_ids: set[int], min_count: int) -> torch.Tensor:
+    """The word-piece ids a WordHead predicts: those in at least `min_count` of the captions
+    (counted once per caption), special tokens excluded; sorted, so the same captions give the
+    same vocabulary."""
+    counts: dict[int, int] = {}
+    for ids in token_ids:
+        for i in set(ids) - special_ids:
+            counts[i] = counts.get(i, 0) + 1
+    return torch.tensor(sorted(i for i, n in counts.items() if n >= min_count), dtype=torch.long)

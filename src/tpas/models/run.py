@@ -33,8 +33,11 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+def save_weights(
+    model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None, exclude: tuple[str, ...] = ()
+) -> None:
+    """The state dict as safetensors (with a checksum), leaving out the keys that start with `exclude`."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith(exclude)}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={**(metadata or {}), DIGEST_KEY: weights_digest(state)})
 

@@ -25,7 +25,7 @@ class TrainConfig:
     seed: int = field(0, "Seed for subset, shuffling, augmentation and initialisation.")
     epochs: int = field(
         7,
-        "Epochs over the subset (the paper uses 10 on a GPU; 7 fit the lite CPU demo in about 20 min with bf16 on AMX).",
+        "Epochs over the subset (the paper uses 10 on a GPU; 7 fit the lite CPU demo in 16 min with bf16 on AMX, 2 cores).",
     )
     steps: int | None = field(
         None,
@@ -171,8 +171,15 @@ class TrainConfig:
         "With --batch-clusters: split each caption cluster by the first colour word its captions name (usually the "
         "upper garment's), so a group shares the wording and that colour and its in-batch negatives differ in the "
         "garment types, gender and the rest. Use fewer clusters with it (30 for 10k pairs: groups that share that "
-        "colour and often the action). Measured so far only by what it puts in a batch (docs/demo-quality.md); "
-        "off by default.",
+        "colour and often the action). Measured worse: with 30 clusters, validation R@1 55.6 against the default's "
+        "61.6-62.7 (docs/demo-quality.md, tenth session); off by default.",
+    )
+    word_loss: float = field(
+        0.0,
+        "Weight of an auxiliary loss that predicts each training caption's word pieces from its image's ITC feature "
+        "(a linear head, softmax over the pieces in at least 5 captions; training only, not in the saved model): "
+        "every step then asks the image side for every stated detail, garment types included, which in-batch "
+        "negatives rarely isolate. 0 = off.",
     )
     on_bad_sample: str = field(
         "fail",
@@ -259,6 +266,8 @@ class TrainConfig:
                 f"--batch-clusters must be 0 (off) or more and --cluster-group 1 or more, dividing --batch-size "
                 f"{self.batch_size}; got {self.batch_clusters} and {self.cluster_group}."
             )
+        if self.word_loss < 0:
+            raise TpasError(f"--word-loss must be 0 (off) or more; got {self.word_loss}.")
         if not 0 <= self.swap_negatives <= 1 or (self.swap_negatives and not self.pab_hard_negatives):
             raise TpasError(
                 f"--swap-negatives must be a share from 0 to 1, with --pab-hard-negatives; got {self.swap_negatives}."

@@ -48,6 +48,7 @@ from tpas.data import (
 from tpas.errors import TpasError
 from tpas.io import read_json, write_json
 from tpas.metrics import format_metrics, matrix_metrics
+from tpas.models.losses import WordHead, word_vocab
 from tpas.models.run import load_weights, save_weights
 from tpas.models.text import TextPipeline
 from tpas.runtime import Runtime, resolve_runtime
@@ -80,6 +81,9 @@ from tpas.train.data import (
     make_loader,
 )
 from tpas.train.swaps import with_swapped_negatives
+
+# --word-loss predicts the word pieces found in at least this many training captions
+WORD_MIN_CAPTIONS = 5
 
 
 def batch_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -137,7 +141,8 @@ def training_step(
             clock = lap("forward", clock)
             scaler.scale(out["loss"] / count if count > 1 else out["loss"]).backward()
             clock = lap("backward", clock)
-        parts.append(torch.stack([out["loss"], out["loss_itc"], out["loss_itm"]]).detach().float())
+        word = out.get("loss_word", torch.zeros_like(out["loss"]))
+        parts.append(torch.stack([out["loss"], out["loss_itc"], out["loss_itm"], word]).detach().float())
     scaler.step(optimizer)
     scaler.update()
     lap("optimizer", clock)
@@ -145,8 +150,8 @@ def training_step(
     if runtime.world_size > 1:  # each rank's loss covers its own rows: the mean is the global batch's
         dist.all_reduce(losses)
         losses = losses / runtime.world_size
-    loss, itc, itm = losses.tolist()
-    return {"loss": loss, "loss_itc": itc, "loss_itm": itm}
+    loss, itc, itm, word = losses.tolist()
+    return {"loss": loss, "loss_itc": itc, "loss_itm": itm, "loss_word": word}
 
 
 @torch.inference_mode()
@@ -452,6 +457,7 @@ class _Trainer:
         self.sampler = self._sampler()
         self.steps_per_epoch = self.sampler.batches_per_epoch() // cfg.grad_accum
         total_steps = cfg.steps or self.steps_per_epoch * cfg.epochs
+        self._attach_word_head()
         self.optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay, cfg.lr, cfg.new_lr_mult), lr=cfg.lr)
         warmup = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -460,6 +466,21 @@ class _Trainer:
         )
         model.itm_pairs = cfg.itm_pairs or None  # 0: all
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
+
+    def _attach_word_head(self) -> None:
+        """--word-loss: a losses.WordHead on the image ITC feature, predicting the training captions'
+        word pieces (those in at least WORD_MIN_CAPTIONS captions); seeded, and rebuilt identically on a
+        resume from the same pairs. It trains with the new parameters and stays out of the final weights."""
+        cfg, model = self.cfg, self.model
+        if not cfg.word_loss:
+            return
+        tokens = self.text(self.train_frame["caption"].tolist())  # exactly the ids the model reads
+        ids = [row[mask.bool()].tolist() for row, mask in zip(tokens["input_ids"], tokens["attention_mask"])]
+        vocab = word_vocab(ids, set(self.text.tokenizer.all_special_ids), WORD_MIN_CAPTIONS)
+        torch.manual_seed(stable_seed(cfg.seed, 23))
+        model.word_head = WordHead(self.model_cfg.embed_dim, vocab).to(self.runtime.device)
+        model.word_loss_weight = cfg.word_loss
+        self.say(f"word loss: weight {cfg.word_loss}, {len(vocab)} word pieces predicted from each image's ITC feature")
 
     def _sampler(self) -> ResumableSampler:
         cfg, runtime = self.cfg, self.runtime
@@ -609,7 +630,7 @@ class _Trainer:
                 "world_size": self.runtime.world_size,
                 "epoch_losses": losses,
             }
-            bar.set_postfix(itc=f"{out['loss_itc']:.3f}", itm=f"{out['loss_itm']:.3f}")
+            bar.set_postfix(itc=f"{out['loss_itc']:.3f}", itm=f"{out['loss_itm']:.3f}", word=f"{out['loss_word']:.3f}")
             step = self.position["global_step"]
             if not math.isfinite(losses[-1]):
                 raise TpasError(f"loss became {losses[-1]} at step {step}; lower --lr.")
@@ -674,8 +695,11 @@ class _Trainer:
             "pairs_per_step": self.per_step,
         }
         if runtime.is_main:
-            save_weights(
-                self.model, self.run_dir / "model.safetensors", {"global_step": str(self.position["global_step"])}
+            save_weights(  # without the training-only word head: the run loads as its config.json says
+                self.model,
+                self.run_dir / "model.safetensors",
+                {"global_step": str(self.position["global_step"])},
+                exclude=("word_head.",),
             )
             write_json(self.run_dir / "train_summary.json", summary)
         runtime.barrier()
