@@ -179,7 +179,8 @@ class TrainConfig:
         "Weight of an auxiliary loss that predicts each training caption's word pieces from its image's ITC feature "
         "(a linear head, softmax over the pieces in at least 5 captions; training only, not in the saved model): "
         "every step then asks the image side for every stated detail, garment types included, which in-batch "
-        "negatives rarely isolate. 0 = off.",
+        "negatives rarely isolate. Measured on one seed: within noise on the locked tower, the best demo-val so far "
+        "with --tune-from 2 (docs/demo-quality.md, eleventh session). 0 = off.",
     )
     on_bad_sample: str = field(
         "fail",
