@@ -35,8 +35,8 @@ class RetrievalModel(nn.Module):
     grad_checkpointing: bool = False
     # training: the ITM loss covers this many pairs of each micro-batch (None: all; tpas.models.losses)
     itm_pairs: int | None = None
-    # training: weight of the auxiliary caption-word loss of a `word_head` submodule (losses.WordHead),
-    # which the trainer attaches for --word-loss; not a class attribute, which would hide the submodule
+    # training: weight of the caption-word loss of a `word_head` submodule (losses.WordHead) that the
+    # trainer attaches for --word-loss (found via _modules: a class attribute of that name would hide it)
     word_loss_weight: float = 0.0
 
     # ---- what each model provides
@@ -163,7 +163,7 @@ class RetrievalModel(nn.Module):
         loss_word = (
             word_head(image_feat, input_ids, attention_mask) if word_head is not None else torch.zeros_like(loss_itc)
         )
-        extra = self.word_loss_weight * loss_word if word_head is not None else 0.0
+        extra = self.word_loss_weight * loss_word
         if not self.has_itm:  # a dual encoder (CLIP): contrastive loss only
             return {
                 "loss": loss_itc + extra,
