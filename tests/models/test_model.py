@@ -415,8 +415,7 @@ def test_an_attached_word_head_adds_its_weighted_loss_and_trains_as_new(tiny_cfg
     model = _tiny(tiny_cfg).eval()
     torch.manual_seed(3)
     plain = model(*batch)
-    model.word_head = losses.WordHead(tiny_cfg.embed_dim, torch.arange(1000, 1100))
-    model.word_loss_weight = 0.5
+    model.attach_word_head(losses.WordHead(tiny_cfg.embed_dim, torch.arange(1000, 1100)), 0.5)
     torch.manual_seed(3)
     out = model(*batch)
     assert out["loss_word"] > 0 and torch.allclose(out["loss_itc"], plain["loss_itc"])

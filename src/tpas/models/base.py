@@ -38,6 +38,8 @@ class RetrievalModel(nn.Module):
     # training: weight of the caption-word loss of a `word_head` submodule (losses.WordHead) that the
     # trainer attaches for --word-loss (found via _modules: a class attribute of that name would hide it)
     word_loss_weight: float = 0.0
+    # what a trainer attaches for training only (attach_word_head): trains as new, never in a run's weights
+    TRAINING_ONLY_PREFIXES = ("word_head.",)
 
     # ---- what each model provides
 
@@ -93,6 +95,11 @@ class RetrievalModel(nn.Module):
         return logits[:, 1] - logits[:, 0]
 
     # ---- training
+
+    def attach_word_head(self, head: nn.Module, weight: float) -> None:
+        """Add `head` (losses.WordHead) as the training-only caption-word loss, weighted `weight`."""
+        self.word_head = head
+        self.word_loss_weight = weight
 
     # Under torch.distributed with more than one rank, the losses use every rank's pairs (below).
     gather_across_ranks: bool = True
@@ -208,7 +215,7 @@ class RetrievalModel(nn.Module):
 
     def _trains_as_new(self, name: str) -> bool:
         # an attached word head (training only) is new in every family
-        return self.is_new_parameter(name) or name.startswith("word_head.")
+        return self.is_new_parameter(name) or name.startswith(self.TRAINING_ONLY_PREFIXES)
 
     def param_groups(self, weight_decay: float, lr: float, new_lr_mult: float = 2.0) -> list[dict]:
         """AdamW groups: pretrained params at lr, new ones at lr * new_lr_mult; no weight decay on

@@ -478,8 +478,7 @@ class _Trainer:
         ids = [row[mask.bool()].tolist() for row, mask in zip(tokens["input_ids"], tokens["attention_mask"])]
         vocab = word_vocab(ids, set(self.text.tokenizer.all_special_ids), WORD_MIN_CAPTIONS)
         torch.manual_seed(stable_seed(cfg.seed, 23))
-        model.word_head = WordHead(self.model_cfg.embed_dim, vocab).to(self.runtime.device)
-        model.word_loss_weight = cfg.word_loss
+        model.attach_word_head(WordHead(self.model_cfg.embed_dim, vocab).to(self.runtime.device), cfg.word_loss)
         self.say(f"word loss: weight {cfg.word_loss}, {len(vocab)} word pieces predicted from each image's ITC feature")
 
     def _sampler(self) -> ResumableSampler:
@@ -695,11 +694,11 @@ class _Trainer:
             "pairs_per_step": self.per_step,
         }
         if runtime.is_main:
-            save_weights(  # without the training-only word head: the run loads as its config.json says
+            save_weights(  # without the training-only parts: the run loads as its config.json says
                 self.model,
                 self.run_dir / "model.safetensors",
                 {"global_step": str(self.position["global_step"])},
-                exclude=("word_head.",),
+                exclude=self.model.TRAINING_ONLY_PREFIXES,
             )
             write_json(self.run_dir / "train_summary.json", summary)
         runtime.barrier()
