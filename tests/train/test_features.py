@@ -244,8 +244,19 @@ def _cfg(root: Path, runs: Path, **kw) -> TrainConfig:
         {"swap_negatives": 1.0},
         {"batch_clusters": 3, "cluster_group": 4},
         {"word_loss": 1.0},
+        {"tower_warmup": 1},
+        {"tower_warmup": 1, "tune_from": 2},
     ],
-    ids=["pyramid", "pixel-stem", "tune-from", "swap-negatives", "batch-clusters", "word-loss"],
+    ids=[
+        "pyramid",
+        "pixel-stem",
+        "tune-from",
+        "swap-negatives",
+        "batch-clusters",
+        "word-loss",
+        "tower-warmup",
+        "tower-warmup-tune-from",
+    ],
 )
 def test_training_on_the_cache_resumes_exactly_and_saves_its_settings(tmp_path: Path, capsys, overrides: dict) -> None:
     root = write_coloured_train(tmp_path / "pab", caption="a man {i} in a red jacket and blue jeans is walking")
@@ -255,6 +266,9 @@ def test_training_on_the_cache_resumes_exactly_and_saves_its_settings(tmp_path: 
     assert ("hard captions are now their caption" in out) == bool(overrides.get("swap_negatives"))
     assert ("batch clusters: 3 clusters" in out) == bool(overrides.get("batch_clusters"))
     assert ("word loss: weight 1.0" in out) == bool(overrides.get("word_loss"))
+    assert ("tower warm-up: 1 epoch(s)" in out) == bool(overrides.get("tower_warmup"))
+    summary = json.loads((tmp_path / "straight/train_summary.json").read_text())
+    assert ("tower_warmup" in summary) == bool(overrides.get("tower_warmup"))
     train(_cfg(root, tmp_path, name="cut", max_steps=3, **overrides))
     train(_cfg(root, tmp_path, name="cut", resume=True))
     straight, resumed = (
@@ -274,6 +288,11 @@ def test_training_on_the_cache_resumes_exactly_and_saves_its_settings(tmp_path: 
     checkpoint = load_file(str(tmp_path / "straight/checkpoint/model.safetensors"))
     assert any(k.startswith("word_head.") for k in checkpoint) == bool(overrides.get("word_loss"))
     assert not any(k.startswith("word_head.") for k in straight)
+    # the warmed tower is what the run saved (and infer.py loads); without a warm-up it is the preset's
+    torch.manual_seed(saved["train"]["seed"])  # as train.py builds it
+    fresh = model_lib.build_model(model_lib.ModelConfig(**saved["model"])).state_dict()
+    tower = [k for k in straight if k.startswith("image_encoder.") and straight[k].is_floating_point()]
+    assert any(not torch.equal(straight[k], fresh[k]) for k in tower) == bool(overrides.get("tower_warmup"))
     # the run loads and ranks like any other (infer.py's path: pixels through the whole model)
     model = model_lib.load_run_model(tmp_path / "straight")[0]
     assert model.cfg.lock_image and model.encode_image(_images(2))[1].shape == (2, model.cfg.embed_dim)

@@ -11,6 +11,12 @@ images. A probe that cannot read an attribute with these labels says the feature
 it, whatever the contrastive loss does; the majority-class rate is printed beside each accuracy.
 Demo only (PAB has no attribute labels). The pixel stem (--pixel-stem) trains with the model, so
 it is not part of what this measures.
+
+With --tower-lr > 0 the image tower trains too, with the labels (BatchNorm statistics frozen, as
+--tune-from keeps them): an upper bound on what fine-tuning the tower could make it read, which
+says whether a garment's type is out of reach of these pixels or only of the frozen features.
+
+    python -m tpas.experiments.probe --tower-lr 3e-4 --epochs 10
 """
 
 # ruff: noqa: RUF009
@@ -58,6 +64,11 @@ class ProbeConfig:
     train_images: int = field(6000, "Training images the probe learns from (the first N of the train split).")
     epochs: int = field(10, "Probe training epochs.")
     seed: int = field(0, "Seed of the probe's initialisation and batch order.")
+    tower_lr: float = field(
+        0.0,
+        "Learning rate of the image tower, trained with the probe on the labels (BatchNorm statistics frozen); "
+        "0 = the tower stays frozen and its features are encoded once.",
+    )
     threads: int | None = field(None, "torch threads (default: torch's).")
     output: Path | None = field(None, "Also write the report here (JSON).")
 
@@ -92,17 +103,23 @@ def _model_config(cfg: ProbeConfig) -> model_lib.ModelConfig:
     return model_lib.ModelConfig.from_preset(cfg.model, **overrides, pixel_stem=0, tune_from=0)
 
 
-def _encode(model: Any, transform: Any, paths: list[Path], batch: int = 100) -> torch.Tensor:
-    """[N, tokens, channels] frozen features (a CNN's [B, C, h, w] map becomes one token per cell)."""
-    out = []
+def _tokens(model: Any, images: torch.Tensor) -> torch.Tensor:
+    """[B, tokens, channels] image features (a CNN's [B, C, h, w] map becomes one token per cell)."""
+    features = model.image_features(images)
+    if features.ndim == 4:
+        channels_last = getattr(model.image_adapter, "channels_last", False)
+        features = features.flatten(1, 2) if channels_last else features.flatten(2).transpose(1, 2)
+    return features
+
+
+def _load(transform: Any, paths: list[Path]) -> torch.Tensor:
+    return torch.stack([transform(load_rgb(p)) for p in paths])
+
+
+def _encode(model: Any, images: torch.Tensor, batch: int = 100) -> torch.Tensor:
+    """[N, tokens, channels] features of every image, without gradients."""
     with torch.inference_mode():
-        for i in range(0, len(paths), batch):
-            features = model.image_features(torch.stack([transform(load_rgb(p)) for p in paths[i : i + batch]]))
-            if features.ndim == 4:
-                channels_last = getattr(model.image_adapter, "channels_last", False)
-                features = features.flatten(1, 2) if channels_last else features.flatten(2).transpose(1, 2)
-            out.append(features)
-    return torch.cat(out)
+        return torch.cat([_tokens(model, images[i : i + batch]) for i in range(0, len(images), batch)])
 
 
 def probe(cfg: ProbeConfig) -> dict[str, Any]:
@@ -119,39 +136,50 @@ def probe(cfg: ProbeConfig) -> dict[str, Any]:
     def labels(rows: list[dict]) -> torch.Tensor:
         return torch.tensor([[values[a].index(str(r[a])) for a in ATTRIBUTES] for r in rows])
 
+    if cfg.tower_lr < 0:
+        raise TpasError(f"--tower-lr must be >= 0 (0 keeps the tower frozen); got {cfg.tower_lr}.")
     mcfg = _model_config(cfg)
     torch.manual_seed(cfg.seed)
-    model = model_lib.build_model(mcfg).eval()
+    model = model_lib.build_model(mcfg).eval()  # eval throughout: BatchNorm statistics stay the pretrained ones
     transform = model_lib.image_transform(mcfg, train=False)
     start = time.perf_counter()
-    x_train = _encode(model, transform, [cfg.data_root / r["image"] for r in train_rows])
-    x_test = _encode(model, transform, [cfg.data_root / r["image"] for r in test_rows])
+    images_train = _load(transform, [cfg.data_root / r["image"] for r in train_rows])
+    images_test = _load(transform, [cfg.data_root / r["image"] for r in test_rows])
+    x_train = _encode(model, images_train)
     encode_s = time.perf_counter() - start
     y_train, y_test = labels(train_rows), labels(test_rows)
 
     generator = torch.Generator().manual_seed(cfg.seed)
     net = _Probe(x_train.shape[2], x_train.shape[1], [len(values[a]) for a in ATTRIBUTES])
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
+    groups: list[dict[str, Any]] = [{"params": list(net.parameters()), "lr": 1e-3}]
+    tower = model.image_encoder
+    if cfg.tower_lr:
+        tower.requires_grad_(True)
+        groups.append({"params": [p for p in tower.parameters()], "lr": cfg.tower_lr})
+    else:
+        model.requires_grad_(False)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     start = time.perf_counter()
     for _ in range(cfg.epochs):
         net.train()
         order = torch.randperm(len(x_train), generator=generator)
         for i in range(0, len(order), 128):
             rows = order[i : i + 128]
-            logits = net(x_train[rows])
+            logits = net(_tokens(model, images_train[rows]) if cfg.tower_lr else x_train[rows])
             loss = sum(nn.functional.cross_entropy(lg, y_train[rows, j]) for j, lg in enumerate(logits))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
     net.eval()
     with torch.inference_mode():
-        logits = net(x_test)
+        logits = net(_encode(model, images_test))
     report: dict[str, Any] = {
         "model": mcfg.preset,
         "image_size": list(mcfg.image_size),
         "image_stages": list(mcfg.image_stages),
         "image_grid": list(mcfg.image_grid),
         "features": list(x_train.shape[1:]),
+        "tower_lr": cfg.tower_lr,
         "train_images": len(train_rows),
         "test_images": len(test_rows),
         "encode_s": round(encode_s, 1),
@@ -166,8 +194,9 @@ def probe(cfg: ProbeConfig) -> dict[str, Any]:
         }
     if cfg.output is not None:
         write_json(cfg.output, report)
+    what = f"image features, tower trained at lr {cfg.tower_lr:g}" if cfg.tower_lr else "frozen image features"
     print(
-        f"probe of {mcfg.preset}'s frozen image features ({mcfg.image_size[0]}x{mcfg.image_size[1]} input, "
+        f"probe of {mcfg.preset}'s {what} ({mcfg.image_size[0]}x{mcfg.image_size[1]} input, "
         f"tokens {report['features'][0]} x {report['features'][1]}): {len(train_rows)} training images, "
         f"{len(test_rows)} test images, encode {encode_s:.0f} s, probe {report['probe_s']:.0f} s"
     )

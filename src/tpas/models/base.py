@@ -76,6 +76,9 @@ class RetrievalModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} has no cacheable text states")
 
+    def reset_tuned_blocks(self) -> None:
+        """Re-copy any trained copy of image-tower blocks from the tower (after the tower changed); none here."""
+
     def is_new_parameter(self, name: str) -> bool:
         """True for parameters not initialised from pretrained weights (they train at lr × new_lr_mult)."""
         return False

@@ -305,12 +305,8 @@ class PyramidTokens(ImageTokens):
             channels += PIXEL_STEM_WIDTHS[-1] * model.cfg.pixel_stem - _cell_pixels(model.cfg)
         if model.cfg.tune_from:
             encoder, cfg = model.image_encoder, model.cfg
-            last = max(stage for stage in cfg.image_stages if _is_tuned(stage, cfg))
             # a copy, so the locked tower (and what a cache holds) stays as it was pretrained
-            model.tuned_blocks = timm.layers.freeze_batch_norm_2d(
-                copy.deepcopy(encoder.blocks[cfg.tune_from : last + 1])
-            )
-            model.tuned_blocks.requires_grad_(True)
+            model.tuned_blocks = _tuned_copy(encoder, cfg)
             model.tuned_input_shape = in_channels, height, width = _tuned_input_shape(encoder, cfg)
             # what each cell of the cache holds of that map
             model.tuned_cell_width = in_channels * height * width // (cfg.image_grid[0] * cfg.image_grid[1])
@@ -409,6 +405,13 @@ def _from_cells(cells: torch.Tensor, grid: tuple[int, int], shape: tuple[int, in
     (rows, cols), (c, h, w) = grid, shape
     x = cells.reshape(len(cells), rows, cols, c, h // rows, w // cols).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(len(cells), c, h, w)
+
+
+def _tuned_copy(encoder: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """A trainable copy of the tower's blocks tune_from .. the deepest tuned stage (BatchNorm frozen)."""
+    last = max(stage for stage in cfg.image_stages if _is_tuned(stage, cfg))
+    blocks = timm.layers.freeze_batch_norm_2d(copy.deepcopy(encoder.blocks[cfg.tune_from : last + 1]))
+    return blocks.requires_grad_(True)
 
 
 def _is_tuned(stage: int, cfg: ModelConfig) -> bool:
@@ -541,6 +544,13 @@ class XVLMModel(RetrievalModel):
 
     def cached_inputs(self) -> tuple[bool, bool]:
         return self.cfg.lock_image, self.cfg.lock_text_layers > 0
+
+    def reset_tuned_blocks(self) -> None:
+        """Start the --tune-from copy again from the tower's current blocks (after --tower-warmup
+        changed them), so the copy and the locked prefix it reads come from the same tower."""
+        if getattr(self, "tuned_blocks", None) is not None:
+            fresh = _tuned_copy(self.image_encoder, self.cfg).to(next(self.tuned_blocks.parameters()).device)
+            self.tuned_blocks.load_state_dict(fresh.state_dict())
 
     def locked_modules(self) -> list[nn.Module]:
         """The frozen parts, which stay in eval mode (BatchNorm statistics, no dropout) while training,

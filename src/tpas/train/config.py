@@ -14,6 +14,10 @@ from tpas.cli import field
 from tpas.errors import TpasError
 from tpas.models.text import CAPTION_CLEANERS
 
+# --tower-warmup's default for the lite preset's locked tower: the epochs measured best on the demo
+# (docs/demo-quality.md, twelfth session)
+LITE_TOWER_WARMUP = 3
+
 
 @dataclass
 class TrainConfig:
@@ -182,6 +186,19 @@ class TrainConfig:
         "negatives rarely isolate. Measured on one seed: within noise on the locked tower, the best demo-val so far "
         "with --tune-from 2 (docs/demo-quality.md, eleventh session). 0 = off.",
     )
+    tower_warmup: int | None = field(
+        None,
+        "Epochs of a first stage that fine-tunes the locked image tower alone (BatchNorm statistics kept) to name each "
+        "training image's caption words (one binary classifier per word piece in at least 5 captions, on its pooled "
+        "final map; the classifier is then dropped), before it is locked and cached: the frozen ImageNet tower reads "
+        "garment types, gender, bags and hats poorly, and a locked tower never learns them later. Measured on the "
+        "demo (seed 0): demo-val R@1 52.40 and test 39.55 against the previous default's 47.03 and 32.53 (3 seeds), "
+        "for 325 s more (docs/demo-quality.md, twelfth session). Default: 3 for lite's locked tower, 0 (off) for "
+        "every other model; needs a locked timm tower.",
+    )
+    tower_warmup_lr: float = field(
+        3e-4, "Learning rate of the tower during --tower-warmup (its classifier's: 10x), decayed linearly to zero."
+    )
     on_bad_sample: str = field(
         "fail",
         "What to do with a bad record or image: stop with a message, or skip it and count it.",
@@ -267,12 +284,24 @@ class TrainConfig:
                 f"--batch-clusters must be 0 (off) or more and --cluster-group 1 or more, dividing --batch-size "
                 f"{self.batch_size}; got {self.batch_clusters} and {self.cluster_group}."
             )
+        if (self.tower_warmup or 0) < 0 or self.tower_warmup_lr <= 0:
+            raise TpasError(
+                f"--tower-warmup must be 0 (off) or more epochs and --tower-warmup-lr positive; got "
+                f"{self.tower_warmup} and {self.tower_warmup_lr}."
+            )
         if self.word_loss < 0:
             raise TpasError(f"--word-loss must be 0 (off) or more; got {self.word_loss}.")
         if not 0 <= self.swap_negatives <= 1 or (self.swap_negatives and not self.pab_hard_negatives):
             raise TpasError(
                 f"--swap-negatives must be a share from 0 to 1, with --pab-hard-negatives; got {self.swap_negatives}."
             )
+
+    def resolved_tower_warmup(self, model: model_lib.ModelConfig) -> int:
+        """--tower-warmup, or its default for this model: LITE_TOWER_WARMUP epochs for the lite preset
+        with its tower locked, 0 for every other model."""
+        if self.tower_warmup is not None:
+            return self.tower_warmup
+        return LITE_TOWER_WARMUP if model.preset == "lite" and model.lock_image else 0
 
     def resolved_batch_clusters(self, pairs: int) -> int:
         """--batch-clusters, or its default for this many training pairs: one cluster per 100 (the

@@ -6,7 +6,9 @@ A run directory `runs/<name>/` holds:
 - model.safetensors: the latest weights (what infer.py loads);
 - checkpoint/: model.safetensors + train_state.pt (optimizer, schedule, RNG, position), swapped in
   as a whole so an interrupted save never leaves a mixed checkpoint;
-- history.json: per-epoch loss and validation R@1/5/10, mAP, mINP (ITC ranking).
+- history.json: per-epoch loss and validation R@1/5/10, mAP, mINP (ITC ranking);
+- tower_warmup.safetensors (with --tower-warmup): the image tower as the warm-up left it, which a
+  resume loads before it caches the tower's outputs.
 
 The same loop runs on a CPU or a GPU (`--device`, `--precision`) and on several GPUs with
 `torchrun --nproc_per_node N train.py ...` (DDP): each of the N processes takes its own
@@ -81,9 +83,12 @@ from tpas.train.data import (
     make_loader,
 )
 from tpas.train.swaps import with_swapped_negatives
+from tpas.train.warmup import warm_tower, word_targets
 
-# --word-loss predicts the word pieces found in at least this many training captions
+# --word-loss and --tower-warmup predict the word pieces found in at least this many training captions
 WORD_MIN_CAPTIONS = 5
+# the tower as --tower-warmup left it, which a resume reads back before it caches the tower's outputs
+TOWER_WARMUP_FILE = "tower_warmup.safetensors"
 
 
 def batch_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -252,6 +257,7 @@ def _resolved_config(cfg: TrainConfig, run_dir: Path, given: set[str]) -> tuple[
             saved[key] = Path(saved[key])
     saved.setdefault("batch_clusters", 0)  # a run saved before look-alike batches existed trained on random ones
     saved.setdefault("cluster_by_colour", False)  # and one saved before --cluster-by-colour, on plain clusters
+    saved.setdefault("tower_warmup", 0)  # and one saved before --tower-warmup, on the pretrained tower
     merged = TrainConfig(**saved)
     notes, refused = [], []
     for name in sorted(known):
@@ -364,6 +370,7 @@ class _Trainer:
             # first of all: a run killed at any point after this can be started again by --resume
             self._write_config()
         self.history: list[dict] = []
+        self.warmup: dict | None = None  # what --tower-warmup did in this process (None: not run here)
         self.position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "world_size": self.runtime.world_size}
 
     def _write_config(self) -> None:
@@ -408,12 +415,14 @@ class _Trainer:
                 // cfg.grad_accum
             )
             self.cfg = cfg = dataclasses.replace(cfg, epochs=math.ceil(cfg.steps / max(1, budget_epoch)))
-        # look-alike batches left to their default resolve for these pairs; build_model's config write
-        # records what they resolved to, so a resume reads back the same batches
+        # look-alike batches and the tower warm-up left to their defaults resolve for these pairs and
+        # this model; build_model's config write records what they resolved to, so a resume reads back
+        # the same batches and tower
         self.cfg = cfg = dataclasses.replace(
             cfg,
             batch_clusters=cfg.resolved_batch_clusters(len(self.train_frame)),
             cluster_group=cfg.resolved_cluster_group(),
+            tower_warmup=cfg.resolved_tower_warmup(self.model_cfg),
         )
         if cfg.batch_clusters > len(self.train_frame):  # refused before the model and its caches are built
             raise TpasError(
@@ -451,6 +460,7 @@ class _Trainer:
         transform = model_lib.image_transform(self.model_cfg, train=True)
         self.dataset = PairDataset(self.train_frame, cfg.data_root, transform, cfg.seed, cfg.pab_hard_negatives)
         self.collate = make_collate(self.text)
+        self._warm_tower()
         self._cache_features()
         if cfg.image_cache != "none" and isinstance(self.dataset, PairDataset):
             self.dataset.cache = _image_cache(cfg, self.dataset, transform, self.run_dir, runtime)
@@ -467,6 +477,54 @@ class _Trainer:
         model.itm_pairs = cfg.itm_pairs or None  # 0: all
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
 
+    def _caption_ids(self) -> list[list[int]]:
+        """Each training caption's token ids, exactly as the model reads them (padding dropped)."""
+        tokens = self.text(self.train_frame["caption"].tolist())
+        return [row[mask.bool()].tolist() for row, mask in zip(tokens["input_ids"], tokens["attention_mask"])]
+
+    def _warm_tower(self) -> None:
+        """--tower-warmup (tpas.train.warmup): fine-tune the locked tower on the captions' words before
+        anything reads it. Rank 0 trains and saves it; every rank then loads that file, so all ranks,
+        and a resume, cache the same tower."""
+        cfg, runtime, model = self.cfg, self.runtime, self.model
+        if not cfg.tower_warmup:
+            return
+        if not self.model_cfg.lock_image:
+            raise TpasError(
+                "--tower-warmup fine-tunes a locked image tower before it is cached; this model trains its tower "
+                "anyway (--lock-image is off), so drop --tower-warmup."
+            )
+        path = self.run_dir / TOWER_WARMUP_FILE
+        if runtime.is_main and (self.checkpoint is None or not path.is_file()):
+            ids = self._caption_ids()
+            vocab = word_vocab(ids, set(self.text.tokenizer.all_special_ids), WORD_MIN_CAPTIONS)
+            by_image: dict[str, list[list[int]]] = {}
+            for image, caption_ids in zip(self.train_frame["image"], ids):
+                by_image.setdefault(image, []).append(caption_ids)
+            report = warm_tower(
+                model.image_encoder,
+                list(by_image),
+                word_targets(list(by_image.values()), vocab),
+                cfg.data_root,
+                self.model_cfg,
+                runtime,
+                epochs=cfg.tower_warmup,
+                lr=cfg.tower_warmup_lr,
+                seed=cfg.seed,
+                progress=cfg.progress,
+            )
+            save_weights(model.image_encoder, path)
+            self.warmup = {**dataclasses.asdict(report), "seconds": round(report.seconds, 1)}
+            self.say(
+                f"tower warm-up: {report.epochs} epoch(s) on {report.images} images naming {report.words} word pieces, "
+                f"loss {report.first_loss:.4f} -> {report.last_loss:.4f} in {report.seconds:.0f} s"
+            )
+        runtime.barrier()
+        load_weights(model.image_encoder, path)
+        model.image_encoder.requires_grad_(False)
+        model.image_encoder.eval()
+        model.reset_tuned_blocks()
+
     def _attach_word_head(self) -> None:
         """--word-loss: a losses.WordHead on the image ITC feature, predicting the training captions'
         word pieces (those in at least WORD_MIN_CAPTIONS captions); seeded, and rebuilt identically on a
@@ -474,8 +532,7 @@ class _Trainer:
         cfg, model = self.cfg, self.model
         if not cfg.word_loss:
             return
-        tokens = self.text(self.train_frame["caption"].tolist())  # exactly the ids the model reads
-        ids = [row[mask.bool()].tolist() for row, mask in zip(tokens["input_ids"], tokens["attention_mask"])]
+        ids = self._caption_ids()
         vocab = word_vocab(ids, set(self.text.tokenizer.all_special_ids), WORD_MIN_CAPTIONS)
         torch.manual_seed(stable_seed(cfg.seed, 23))
         model.attach_word_head(WordHead(self.model_cfg.embed_dim, vocab).to(self.runtime.device), cfg.word_loss)
@@ -693,6 +750,8 @@ class _Trainer:
             "processes": runtime.world_size,
             "pairs_per_step": self.per_step,
         }
+        if self.warmup is not None:
+            summary["tower_warmup"] = self.warmup
         if runtime.is_main:
             save_weights(  # without the training-only parts: the run loads as its config.json says
                 self.model,
