@@ -160,3 +160,18 @@ def test_images_that_would_not_fit_in_memory_are_one_sentence(tmp_path: Path, mo
     monkeypatch.setattr(warmup_lib, "machine_memory", lambda: 1000)
     with pytest.raises(TpasError, match="use a smaller --subset or --tower-warmup 0"):
         warmup_lib._load_pixels(tmp_path, ["a.jpg"] * 4, (128, 64))
+
+
+def test_on_a_cpu_the_warmup_runs_in_fp32_under_a_bf16_run(tmp_path: Path) -> None:
+    root = write_coloured_train(tmp_path / "pab", n=4)
+    images = sorted(str(p.relative_to(root)) for p in root.rglob("*.jpg"))[:4]
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [1.0, 1.0]])
+    towers = []
+    for amp in (None, torch.bfloat16):
+        model = _model()
+        runtime = Runtime(amp_dtype=amp)
+        warm_tower(
+            model.image_encoder, images, targets, root, model.cfg, runtime, epochs=1, lr=3e-3, seed=0, batch_size=2
+        )
+        towers.append(model.image_encoder.state_dict())
+    assert all(torch.equal(v, towers[1][k]) for k, v in towers[0].items())

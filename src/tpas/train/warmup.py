@@ -14,6 +14,7 @@ away, and the tower is then locked and cached as before, with these weights.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -101,7 +102,9 @@ def warm_tower(
 ) -> WarmupReport:
     """Fine-tune `encoder` in place to predict `targets` (one row per image) from its pooled features.
 
-    It runs under the run's autocast.
+    On a CPU it runs in fp32 whatever the run's precision: EfficientNet's depthwise blocks are
+    slower under bf16 autocast there (docs/demo-quality.md, "The tuned copy in fp32 on a CPU"); a
+    GPU uses the run's autocast.
     The pixels are what the eval transform gives (a resize, then ToTensor's /255 and the model's
     normalisation, in that order), loaded once and flipped at random each epoch; the learning rate
     decays linearly to zero. Seeded: the same images, targets and seed give the same weights. The
@@ -140,7 +143,7 @@ def warm_tower(
             rows = order[start : start + batch_size]
             batch = normalised(pixels[rows])
             batch = torch.where(flips[rows, None, None, None], batch.flip(-1), batch).to(device)
-            with runtime.autocast():
+            with contextlib.nullcontext() if device.type == "cpu" else runtime.autocast():
                 logits = head(pooled(batch))
             loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), targets[rows].to(device))
             optimizer.zero_grad(set_to_none=True)
