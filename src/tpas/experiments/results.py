@@ -321,7 +321,10 @@ def _stage_train(stages: Stages, tcfg: TrainConfig, what: str) -> dict:
     derived = MODEL_FLAGS + (("epochs",) if tcfg.steps else ())
     derived += tuple(k for k in ("batch_clusters", "cluster_group") if getattr(tcfg, k) is None)
     want = {k: v for k, v in config_key(tcfg).items() if k not in derived}
-    want_model = _plain(dataclasses.asdict(model_config_for(tcfg)))
+    model_cfg = model_config_for(tcfg)
+    # a warm-up left to its default is recorded as what it resolved to for this model
+    want["tower_warmup"] = tcfg.resolved_tower_warmup(model_cfg)
+    want_model = _plain(dataclasses.asdict(model_cfg))
     stage = f"train/{tcfg.name}"
     if (run_dir / "config.json").is_file():
         saved_config = read_json(run_dir / "config.json")
