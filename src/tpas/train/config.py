@@ -29,7 +29,7 @@ class TrainConfig:
     seed: int = field(0, "Seed for subset, shuffling, augmentation and initialisation.")
     epochs: int = field(
         7,
-        "Epochs over the subset (the paper uses 10 on a GPU; 7 fit the lite CPU demo in 16 min with bf16 on AMX, 2 cores).",
+        "Epochs over the subset (the paper uses 10 on a GPU; 7 fit the lite CPU demo in 16 min with bf16 on AMX, 2 cores, after --tower-warmup).",
     )
     steps: int | None = field(
         None,
@@ -192,9 +192,9 @@ class TrainConfig:
         "training image's caption words (one binary classifier per word piece in at least 5 captions, on its pooled "
         "final map; the classifier is then dropped), before it is locked and cached: the frozen ImageNet tower reads "
         "garment types, gender, bags and hats poorly, and a locked tower never learns them later. Measured on the "
-        "demo (seed 0): demo-val R@1 52.40 and test 39.55 against the previous default's 47.03 and 32.53 (3 seeds), "
-        "for 325 s more (docs/demo-quality.md, twelfth session). Default: 3 for lite's locked tower, 0 (off) for "
-        "every other model; needs a locked timm tower.",
+        "demo (3 seeds): demo-val R@1 51.73 +- 0.65 and test 38.55 +- 0.87 against 47.03 and 32.53 without it, for "
+        "215-234 s more on 2 cores (docs/demo-quality.md, twelfth and thirteenth sessions). Default: 3 for lite's "
+        "locked tower, 0 (off) for every other model; needs a locked timm tower.",
     )
     tower_warmup_lr: float = field(
         3e-4, "Learning rate of the tower during --tower-warmup (its classifier's: 10x), decayed linearly to zero."
