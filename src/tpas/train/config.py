@@ -14,8 +14,8 @@ from tpas.cli import field
 from tpas.errors import TpasError
 from tpas.models.text import CAPTION_CLEANERS
 
-# --tower-warmup's default for the lite preset's locked tower: the epochs measured best on the demo
-# (docs/demo-quality.md, twelfth session)
+# --tower-warmup's default for the lite preset's locked tower: 6 epochs read better on the demo, but
+# 3 keep the default run inside 20 minutes on 2 cores (docs/demo-quality.md, thirteenth session)
 LITE_TOWER_WARMUP = 3
 
 
@@ -193,8 +193,9 @@ class TrainConfig:
         "final map; the classifier is then dropped), before it is locked and cached: the frozen ImageNet tower reads "
         "garment types, gender, bags and hats poorly, and a locked tower never learns them later. Measured on the "
         "demo (3 seeds): demo-val R@1 51.73 +- 0.65 and test 38.55 +- 0.87 against 47.03 and 32.53 without it, for "
-        "215-234 s more on 2 cores (docs/demo-quality.md, twelfth and thirteenth sessions). Default: 3 for lite's "
-        "locked tower, 0 (off) for every other model; needs a locked timm tower.",
+        "215-234 s more on 2 cores; 6 epochs: demo-val +2.4 more on 2 seeds, for 408-477 s (docs/demo-quality.md, "
+        "twelfth and thirteenth sessions). Default: 3 for lite's locked tower, 0 (off) for every other model; needs "
+        "a locked timm tower.",
     )
     tower_warmup_lr: float = field(
         3e-4, "Learning rate of the tower during --tower-warmup (its classifier's: 10x), decayed linearly to zero."
