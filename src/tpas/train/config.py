@@ -29,7 +29,7 @@ class TrainConfig:
     seed: int = field(0, "Seed for subset, shuffling, augmentation and initialisation.")
     epochs: int = field(
         7,
-        "Epochs over the subset (the paper uses 10 on a GPU; 7 fit the lite CPU demo in 16 min with bf16 on AMX, 2 cores, after --tower-warmup).",
+        "Epochs over the subset (the paper uses 10 on a GPU; 7 fit the lite CPU demo in 16 min with bf16 on AMX, 2 cores, not counting the --tower-warmup stage).",
     )
     steps: int | None = field(
         None,
