@@ -3,6 +3,7 @@
 - `config`: `TrainConfig` (train.py's flags) and its resolution to the run's ModelConfig;
 - `data`: the pair dataset, resumable sampler, collation, loaders, image cache;
 - `checkpoint`: save, find and resume checkpoints (RNG state included), `--init` weights;
+- `warmup`: `--tower-warmup`, the locked tower's caption-word stage; `dropout`: CPU dropout masks;
 - `loop`: `train`, one optimizer step, validation.
 May import tpas.models, tpas.runtime, tpas.data, tpas.io, tpas.cli; never retrieval or the stages.
 """
