@@ -10,7 +10,7 @@ from fakes import TINY_TRAIN, write_coloured_train
 from torch import nn
 
 from tpas.train import TrainConfig, train
-from tpas.train.dropout import FastDropout, fast_dropout, use_fast_dropout
+from tpas.train.dropout import FastDropout, fast_dropout, use_fast_dropout, use_torch_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.03])
@@ -25,7 +25,8 @@ def test_drops_p_of_the_elements_and_keeps_the_expectation(p: float, dtype: torc
     # kept values are scaled by 1 / (1 - p), rounded once in x's dtype
     expected = (x[~dropped].float() / (1 - p)).to(dtype)
     assert torch.allclose(y[~dropped].float(), expected.float(), rtol=1e-3 if dtype == torch.bfloat16 else 1e-4)
-    # the same expectation as the input (for bf16: no systematic shrink from a rounded scale)
+    # (that check is what catches a scale rounded to bf16, 1/0.9 -> 1.109, before it multiplies)
+    # the same expectation as the input
     assert abs(y.double().mean().item() / x.double().mean().item() - 1) < 5e-3
 
 
@@ -72,6 +73,10 @@ def test_swapping_keeps_p_and_eval_outputs() -> None:
     torch.manual_seed(1)
     trained = model[1](torch.ones(10_000))
     assert 0.25 < (trained == 0).float().mean().item() < 0.35
+    # and back (the benchmark times both)
+    assert use_torch_dropout(model) == 4 and sorted(m.p for m in model.modules() if type(m) is nn.Dropout) == sorted(
+        plain
+    )
 
 
 def test_inplace_dropout_returns_its_input() -> None:

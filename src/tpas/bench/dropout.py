@@ -25,7 +25,7 @@ from tpas.errors import TpasError
 from tpas.io import write_json
 from tpas.runtime import cpu_has_bf16_units, resolve_runtime
 from tpas.train.config import TrainConfig, model_config_for
-from tpas.train.dropout import FastDropout, use_fast_dropout
+from tpas.train.dropout import use_fast_dropout, use_torch_dropout
 
 
 @dataclass
@@ -38,13 +38,6 @@ class BenchDropoutConfig:
     threads: int = field(0, "Torch CPU threads (0 = torch's default: all cores).")
     seed: int = field(0, "Seed for the model's new weights and the inputs.")
     output: Path = field(Path("outputs/bench/dropout.json"), "Where the results go (JSON).")
-
-
-def _swap_back(model: nn.Module) -> None:
-    for parent in model.modules():
-        for name, child in list(parent.named_children()):
-            if type(child) is FastDropout:
-                setattr(parent, name, nn.Dropout(child.p, child.inplace).train(child.training))
 
 
 def bench_dropout(cfg: BenchDropoutConfig) -> dict:
@@ -99,7 +92,7 @@ def bench_dropout(cfg: BenchDropoutConfig) -> dict:
         if way == "FastDropout":
             use_fast_dropout(model)
         else:
-            _swap_back(model)
+            use_torch_dropout(model)
         times[way].append(step())
 
     step()  # warm-up: allocator, oneDNN kernels

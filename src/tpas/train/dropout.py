@@ -53,10 +53,19 @@ class FastDropout(nn.Dropout):
 
 def use_fast_dropout(model: nn.Module) -> int:
     """Swap every nn.Dropout in `model` (in place) for a FastDropout of the same p; returns how many."""
+    return _swap(model, nn.Dropout, FastDropout)
+
+
+def use_torch_dropout(model: nn.Module) -> int:
+    """Undo use_fast_dropout: every FastDropout back to an nn.Dropout (the benchmark compares both)."""
+    return _swap(model, FastDropout, nn.Dropout)
+
+
+def _swap(model: nn.Module, old: type[nn.Dropout], new: type[nn.Dropout]) -> int:
     swapped = 0
     for parent in model.modules():
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Dropout:  # subclasses may draw their masks their own way
-                setattr(parent, name, FastDropout(child.p, child.inplace).train(child.training))
+            if type(child) is old:  # exactly: subclasses may draw their masks their own way
+                setattr(parent, name, new(child.p, child.inplace).train(child.training))
                 swapped += 1
     return swapped
